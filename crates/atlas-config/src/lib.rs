@@ -1,0 +1,300 @@
+//! Atlas configuration: the validated runtime [`Config`] and how to load it.
+//!
+//! Users write TOML (`raw.rs` is that schema, serde-facing, unknown keys
+//! denied). `load.rs` parses it section by section and `validate.rs` checks
+//! meaning and builds [`Config`]; every problem becomes a [`ConfigError`] with
+//! file, line, column and key, and all of them are reported at once (like
+//! `nginx -t`). Nothing here panics on user input.
+
+mod load;
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One problem in a configuration, located in its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based; 0 when the error has no position (e.g. a missing section).
+    pub line: usize,
+    pub column: usize,
+    /// Dotted key path, e.g. `upstreams[1].weight`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "{}:{}:{}: {}: {}", self.file, self.line, self.column, self.key, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.key, self.message)
+        }
+    }
+}
+
+/// Every error found in one configuration.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// HTTP/1.1 reverse proxy.
+    Http,
+    /// Layer-4 passthrough.
+    Tcp,
+    /// Static files (not in this build yet; rejected by validation).
+    Static,
+    /// WebSocket game gateway (a stub until the game gateway lands).
+    Game,
+    /// Connection firehose (not in this build yet; rejected by validation).
+    Firehose,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Http => "http",
+            Mode::Tcp => "tcp",
+            Mode::Static => "static",
+            Mode::Game => "game",
+            Mode::Firehose => "firehose",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Smooth weighted round robin (plain round robin when all weights are equal).
+    RoundRobin,
+    /// Weighted random choice.
+    Random,
+    /// Fewest in-flight requests across the whole process, relative to weight.
+    LeastConnections,
+    /// Consistent hash (ring with weight-proportional virtual nodes).
+    Hash,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::Random => "random",
+            Strategy::LeastConnections => "least_connections",
+            Strategy::Hash => "hash",
+        }
+    }
+}
+
+/// What the `hash` strategy hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    /// The request target (path and query).
+    Uri,
+    /// The path without the query.
+    Path,
+    /// A request header, lower-cased name. Missing header: client IP.
+    Header(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub mode: Mode,
+    pub tls: Option<TlsFiles>,
+    /// Index into [`Config::groups`]; `None` for modes that need no upstreams.
+    pub group: Option<usize>,
+    pub strategy: Strategy,
+    pub hash_key: HashKey,
+    pub backlog: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    /// As written (host name or IP), for logs.
+    pub host: String,
+    pub port: u16,
+    /// Resolved when the configuration was loaded.
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub name: String,
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub addr: SocketAddr,
+    pub allow: Vec<String>,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect to an upstream.
+    pub connect: Duration,
+    /// Whole request head from a client (slowloris guard).
+    pub client_header: Duration,
+    /// Idle keep-alive client connection between requests.
+    pub client_idle: Duration,
+    /// Between two reads of a client request body.
+    pub client_body: Duration,
+    /// From request sent to upstream response head received.
+    pub upstream_response: Duration,
+    /// Between two reads of an upstream response body.
+    pub upstream_idle: Duration,
+    /// Idle TCP-mode (and upgraded) connection, both directions quiet.
+    pub tcp_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            client_header: Duration::from_secs(10),
+            client_idle: Duration::from_secs(60),
+            client_body: Duration::from_secs(60),
+            upstream_response: Duration::from_secs(60),
+            upstream_idle: Duration::from_secs(60),
+            tcp_idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request head (request line + headers); beyond: 431.
+    pub max_header_bytes: usize,
+    /// Most request headers; beyond: 431.
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_header_bytes: 16 * 1024, max_headers: 100 }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Pool {
+    /// Idle keep-alive connections kept per upstream, per worker.
+    pub max_idle_per_upstream: usize,
+    /// An idle pooled connection older than this is closed, not reused.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool { max_idle_per_upstream: 256, idle_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// The validated configuration every other part of Atlas runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: Option<PathBuf>,
+    pub driver: Driver,
+    pub workers: usize,
+    pub ring_entries: u32,
+    pub listeners: Vec<Listener>,
+    pub groups: Vec<Group>,
+    pub static_root: Option<PathBuf>,
+    pub api: Option<Api>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub pool: Pool,
+}
+
+/// Loads and validates a configuration file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError { file: name.clone(), line: 0, column: 0, key: "(file)".into(), message: format!("cannot read: {e}") }])
+    })?;
+    let mut cfg = load_str(&text, &name)?;
+    cfg.source = Some(path.to_path_buf());
+    Ok(cfg)
+}
+
+/// Loads and validates configuration text; `name` is used in error messages.
+pub fn load_str(text: &str, name: &str) -> Result<Config, ConfigErrors> {
+    let mut diag = load::Diag::new(name, text);
+    let raw = load::parse_raw(&mut diag);
+    let cfg = validate::validate(&mut diag, raw);
+    if diag.errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(diag.errors))
+    }
+}
+
+/// The embedded default used when `atlas` runs with no CONFIG: the game
+/// gateway of seed 000 on `ATLAS_PROXY_ADDR` (default 0.0.0.0:9000) and its
+/// API on `ATLAS_API_ADDR` (default 127.0.0.1:9001, loopback for safety).
+pub fn embedded_default() -> Result<Config, ConfigErrors> {
+    let proxy = std::env::var("ATLAS_PROXY_ADDR").unwrap_or_else(|_| "0.0.0.0:9000".into());
+    let api = std::env::var("ATLAS_API_ADDR").unwrap_or_else(|_| "127.0.0.1:9001".into());
+    let text = format!(
+        "[listen]\nname = \"game\"\naddress = {proxy:?}\nmode = \"game\"\n\n[api]\naddress = {api:?}\n",
+    );
+    load_str(&text, "(embedded default; ATLAS_PROXY_ADDR / ATLAS_API_ADDR)")
+}
+
+/// Parses durations such as `250ms`, `5s`, `2m`, `1h`, `1.5s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (examples: 250ms, 5s, 2m, 1h)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        u => return Err(format!("unknown duration unit `{u}` in `{s}` (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 31_536_000.0 {
+        return Err(format!("duration `{s}` is out of range (0 to 365 days)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,117 @@
+//! The serde-facing configuration schema: exactly what a user writes in TOML.
+//!
+//! Every table denies unknown keys. Fields whose value is checked after
+//! parsing are `Spanned` so a validation error can point at the line and
+//! column of the offending value. Nothing here has meaning yet: `validate.rs`
+//! turns a [`RawConfig`] into the runtime [`crate::Config`].
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// One listener: the seed's `[listen]` table and each `[[listeners]]` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: Option<Spanned<String>>,
+    pub address: Option<Spanned<String>>,
+    pub port: Option<Spanned<i64>>,
+    pub mode: Option<Spanned<String>>,
+    pub workers: Option<Spanned<i64>>,
+    pub tls: Option<Spanned<RawTls>>,
+    /// Which upstream group this listener balances over (default "default").
+    pub group: Option<Spanned<String>>,
+    /// Overrides `[routing] strategy` for this listener.
+    pub strategy: Option<Spanned<String>>,
+    /// Overrides `[routing] hash_key` for this listener.
+    pub hash_key: Option<Spanned<String>>,
+    pub backlog: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub name: Option<Spanned<String>>,
+    pub address: Spanned<String>,
+    pub port: Option<Spanned<i64>>,
+    pub weight: Option<Spanned<i64>>,
+    pub group: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouting {
+    pub strategy: Option<Spanned<String>>,
+    pub hash_key: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStatic {
+    pub root: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    pub driver: Option<Spanned<String>>,
+    pub workers: Option<Spanned<i64>>,
+    pub ring_entries: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    pub address: Option<Spanned<String>>,
+    pub allow: Option<Vec<Spanned<String>>>,
+    pub token: Option<Spanned<String>>,
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<Spanned<String>>,
+    pub client_header: Option<Spanned<String>>,
+    pub client_idle: Option<Spanned<String>>,
+    pub client_body: Option<Spanned<String>>,
+    pub upstream_response: Option<Spanned<String>>,
+    pub upstream_idle: Option<Spanned<String>>,
+    pub tcp_idle: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_header_bytes: Option<Spanned<i64>>,
+    pub max_headers: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub max_idle_per_upstream: Option<Spanned<i64>>,
+    pub idle_timeout: Option<Spanned<String>>,
+}
+
+/// The whole file. Sections are deserialised one by one (see `load.rs`) so
+/// that an error in one section does not hide the errors in the others.
+#[derive(Debug, Default)]
+pub struct RawConfig {
+    pub listen: Option<Spanned<RawListener>>,
+    pub listeners: Vec<Spanned<RawListener>>,
+    pub upstreams: Vec<Spanned<RawUpstream>>,
+    pub routing: RawRouting,
+    pub static_files: RawStatic,
+    pub runtime: RawRuntime,
+    pub api: Option<Spanned<RawApi>>,
+    pub timeouts: RawTimeouts,
+    pub limits: RawLimits,
+    pub pool: RawPool,
+}

@@ -1,0 +1,369 @@
+//! Meaning checks: turns a [`RawConfig`] into a [`Config`] or records, with
+//! positions, everything wrong with it. Validation keeps going after an error
+//! so that one run reports every problem.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use crate::load::Diag;
+use crate::raw::*;
+use crate::*;
+
+const STRATEGIES: &str = "round_robin, weighted, weighted_round_robin, random, least_connections, hash";
+
+fn parse_strategy(s: &str) -> Option<Strategy> {
+    Some(match s {
+        "round_robin" | "weighted" | "weighted_round_robin" => Strategy::RoundRobin,
+        "random" => Strategy::Random,
+        "least_connections" | "least_conn" => Strategy::LeastConnections,
+        "hash" | "consistent_hash" => Strategy::Hash,
+        _ => return None,
+    })
+}
+
+fn parse_hash_key(s: &str) -> Option<HashKey> {
+    Some(match s {
+        "client_ip" => HashKey::ClientIp,
+        "uri" => HashKey::Uri,
+        "path" => HashKey::Path,
+        _ => {
+            let name = s.strip_prefix("header:")?.trim();
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+                return None;
+            }
+            HashKey::Header(name.to_ascii_lowercase())
+        }
+    })
+}
+
+fn parse_mode(s: &str) -> Option<Mode> {
+    Some(match s {
+        "http" => Mode::Http,
+        "tcp" => Mode::Tcp,
+        "static" => Mode::Static,
+        "game" => Mode::Game,
+        "firehose" => Mode::Firehose,
+        _ => return None,
+    })
+}
+
+fn int_in(diag: &mut Diag<'_>, v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: i64) -> i64 {
+    match v {
+        None => default,
+        Some(s) if (min..=max).contains(s.get_ref()) => *s.get_ref(),
+        Some(s) => {
+            diag.at(s, key, format!("must be between {min} and {max}, got {}", s.get_ref()));
+            default
+        }
+    }
+}
+
+fn duration(diag: &mut Diag<'_>, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+    match v {
+        None => default,
+        Some(s) => match parse_duration(s.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                diag.at(s, key, "must be greater than zero");
+                default
+            }
+            Err(e) => {
+                diag.at(s, key, e);
+                default
+            }
+        },
+    }
+}
+
+struct ListenerDraft {
+    listener: Listener,
+    group_name: Spanned<String>,
+    key: String,
+}
+
+fn listener(diag: &mut Diag<'_>, raw: &Spanned<RawListener>, key: &str, index: usize, routing: (Strategy, &HashKey)) -> Option<ListenerDraft> {
+    let r = raw.get_ref();
+    let name = r.name.as_ref().map(|n| n.get_ref().clone()).unwrap_or_else(|| if index == 0 { "default".into() } else { format!("listener{index}") });
+    let mut bad_mode = false;
+    let mode = match &r.mode {
+        None => Mode::Http,
+        Some(m) => match parse_mode(m.get_ref()) {
+            Some(mode) => mode,
+            None => {
+                diag.at(m, format!("{key}.mode"), format!("unknown mode `{}`, expected one of: http, tcp, static, game, firehose", m.get_ref()));
+                bad_mode = true;
+                Mode::Http
+            }
+        },
+    };
+    if let Some(m) = &r.mode {
+        if matches!(mode, Mode::Static | Mode::Firehose) {
+            diag.at(m, format!("{key}.mode"), format!("mode `{}` is not available in this build yet", mode.as_str()));
+        }
+    }
+    // Address: either `address` + `port`, or `address = "ip:port"`.
+    let default_addr = Spanned::new(raw.span(), "0.0.0.0".to_string());
+    let address = r.address.as_ref().unwrap_or(&default_addr);
+    let port = int_in(diag, &r.port, &format!("{key}.port"), 0, 65535, -1);
+    let addr = if port >= 0 {
+        match address.get_ref().trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+            Ok(ip) => Some(SocketAddr::new(ip, port as u16)),
+            Err(_) => {
+                diag.at(address, format!("{key}.address"), format!("`{}` is not an IP address (use e.g. 0.0.0.0, 127.0.0.1 or ::)", address.get_ref()));
+                None
+            }
+        }
+    } else if r.port.is_none() {
+        match address.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                diag.at(address, format!("{key}.port"), "missing: set `port`, or write `address` as ip:port");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let strategy = match &r.strategy {
+        None => routing.0,
+        Some(s) => parse_strategy(s.get_ref()).unwrap_or_else(|| {
+            diag.at(s, format!("{key}.strategy"), format!("unknown strategy `{}`, expected one of: {STRATEGIES}", s.get_ref()));
+            routing.0
+        }),
+    };
+    let hash_key = match &r.hash_key {
+        None => routing.1.clone(),
+        Some(s) => parse_hash_key(s.get_ref()).unwrap_or_else(|| {
+            diag.at(s, format!("{key}.hash_key"), format!("unknown hash key `{}`, expected client_ip, uri, path or header:NAME", s.get_ref()));
+            HashKey::ClientIp
+        }),
+    };
+    let tls = r.tls.as_ref().map(|t| TlsFiles { cert: PathBuf::from(t.get_ref().cert.get_ref()), key: PathBuf::from(t.get_ref().key.get_ref()) });
+    if let Some(t) = &r.tls {
+        diag.at(t, format!("{key}.tls"), "TLS termination is not available in this build yet");
+    }
+    let backlog = int_in(diag, &r.backlog, &format!("{key}.backlog"), 1, 65535, 4096) as u32;
+    if bad_mode {
+        return None;
+    }
+    let group_name = r.group.clone().unwrap_or_else(|| Spanned::new(raw.span(), "default".to_string()));
+    Some(ListenerDraft {
+        listener: Listener { name, addr: addr?, mode, tls, group: None, strategy, hash_key, backlog },
+        group_name,
+        key: key.to_string(),
+    })
+}
+
+fn upstream(diag: &mut Diag<'_>, raw: &Spanned<RawUpstream>, key: &str) -> Option<(String, Upstream)> {
+    let r = raw.get_ref();
+    let text = r.address.get_ref().trim();
+    let (host, port) = match &r.port {
+        Some(p) => {
+            let port = int_in(diag, &Some(p.clone()), &format!("{key}.port"), 1, 65535, -1);
+            if port < 0 {
+                return None;
+            }
+            (text.trim_matches(|c| c == '[' || c == ']').to_string(), port as u16)
+        }
+        None => match text.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))) {
+            Some((h, p)) if p > 0 => (h.trim_matches(|c| c == '[' || c == ']').to_string(), p),
+            _ => {
+                diag.at(&r.address, format!("{key}.port"), "missing: set `port`, or write `address` as host:port");
+                return None;
+            }
+        },
+    };
+    if host.is_empty() {
+        diag.at(&r.address, format!("{key}.address"), "must not be empty");
+        return None;
+    }
+    let addr = match (host.as_str(), port).to_socket_addrs().map(|mut it| it.next()) {
+        Ok(Some(a)) => a,
+        Ok(None) | Err(_) => {
+            diag.at(&r.address, format!("{key}.address"), format!("cannot resolve `{host}`"));
+            return None;
+        }
+    };
+    let weight = int_in(diag, &r.weight, &format!("{key}.weight"), 0, 1_000_000, 1) as u32;
+    let name = r.name.as_ref().map(|n| n.get_ref().clone()).unwrap_or_else(|| format!("{host}:{port}"));
+    let group = r.group.as_ref().map(|g| g.get_ref().clone()).unwrap_or_else(|| "default".into());
+    Some((group, Upstream { name, host, port, addr, weight }))
+}
+
+pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
+    let strategy = match &raw.routing.strategy {
+        None => Strategy::RoundRobin,
+        Some(s) => parse_strategy(s.get_ref()).unwrap_or_else(|| {
+            diag.at(s, "routing.strategy", format!("unknown strategy `{}`, expected one of: {STRATEGIES}", s.get_ref()));
+            Strategy::RoundRobin
+        }),
+    };
+    let hash_key = match &raw.routing.hash_key {
+        None => HashKey::ClientIp,
+        Some(s) => parse_hash_key(s.get_ref()).unwrap_or_else(|| {
+            diag.at(s, "routing.hash_key", format!("unknown hash key `{}`, expected client_ip, uri, path or header:NAME", s.get_ref()));
+            HashKey::ClientIp
+        }),
+    };
+
+    // Upstreams, grouped; names unique across the file.
+    let mut groups: Vec<Group> = Vec::new();
+    let mut seen_names: HashMap<String, ()> = HashMap::new();
+    for (i, u) in raw.upstreams.iter().enumerate() {
+        let key = format!("upstreams[{i}]");
+        if let Some((gname, up)) = upstream(diag, u, &key) {
+            if seen_names.insert(up.name.clone(), ()).is_some() {
+                let span = u.get_ref().name.as_ref().map(|n| n.span()).unwrap_or(u.span());
+                diag.push(Some(span), format!("{key}.name"), format!("duplicate upstream name `{}`", up.name));
+            }
+            match groups.iter_mut().find(|g| g.name == gname) {
+                Some(g) => g.upstreams.push(up),
+                None => groups.push(Group { name: gname, upstreams: vec![up] }),
+            }
+        }
+    }
+    for g in &groups {
+        if g.upstreams.iter().all(|u| u.weight == 0) {
+            let span = raw.upstreams.iter().find(|u| u.get_ref().group.as_ref().map(|x| x.get_ref().as_str()).unwrap_or("default") == g.name).map(|u| u.span());
+            diag.push(span, "upstreams.weight", format!("total weight of upstream group `{}` is zero: at least one upstream needs weight > 0", g.name));
+        }
+    }
+
+    // Listeners: [listen] first, then [[listeners]].
+    let mut drafts = Vec::new();
+    let mut worker_hint: Option<Spanned<i64>> = None;
+    let all: Vec<(&Spanned<RawListener>, String)> = raw
+        .listen
+        .iter()
+        .map(|l| (l, "listen".to_string()))
+        .chain(raw.listeners.iter().enumerate().map(|(i, l)| (l, format!("listeners[{i}]"))))
+        .collect();
+    if all.is_empty() && !diag.failed.iter().any(|f| f == "listen" || f == "listeners") {
+        diag.push(None, "listen", "no listener: add a [listen] table or [[listeners]] entries");
+    }
+    for (index, (l, key)) in all.iter().enumerate() {
+        if let Some(w) = &l.get_ref().workers {
+            match &worker_hint {
+                Some(prev) if prev.get_ref() != w.get_ref() => {
+                    diag.at(w, format!("{key}.workers"), format!("differs from the {} set earlier: worker threads are shared by all listeners; set [runtime] workers", prev.get_ref()));
+                }
+                _ => worker_hint = Some(w.clone()),
+            }
+        }
+        if let Some(d) = listener(diag, l, key, index, (strategy, &hash_key)) {
+            drafts.push(d);
+        }
+    }
+    let mut listeners = Vec::new();
+    let mut names: HashMap<String, ()> = HashMap::new();
+    for mut d in drafts {
+        if names.insert(d.listener.name.clone(), ()).is_some() {
+            diag.at(&d.group_name, format!("{}.name", d.key), format!("duplicate listener name `{}`", d.listener.name));
+        }
+        if matches!(d.listener.mode, Mode::Http | Mode::Tcp) {
+            match groups.iter().position(|g| &g.name == d.group_name.get_ref()) {
+                Some(i) => d.listener.group = Some(i),
+                None if groups.is_empty() && diag.failed.iter().any(|f| f == "upstreams") => {}
+                None if groups.is_empty() => diag.at(
+                    &d.group_name,
+                    format!("{}.mode", d.key),
+                    format!("mode `{}` needs upstreams: add at least one [[upstreams]] entry", d.listener.mode.as_str()),
+                ),
+                None => diag.at(&d.group_name, format!("{}.group", d.key), format!("no upstream has group `{}`", d.group_name.get_ref())),
+            }
+        }
+        listeners.push(d.listener);
+    }
+    for (i, a) in listeners.iter().enumerate() {
+        if a.addr.port() != 0 && listeners[..i].iter().any(|b| b.addr == a.addr) {
+            diag.push(None, "listeners", format!("two listeners on {}", a.addr));
+        }
+    }
+
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i64;
+    let workers_key = if raw.runtime.workers.is_some() { "runtime.workers" } else { "listen.workers" };
+    let workers = match raw.runtime.workers.as_ref().or(worker_hint.as_ref()) {
+        Some(w) => int_in(diag, &Some(w.clone()), workers_key, 1, 1024, cpus) as usize,
+        None => cpus as usize,
+    };
+    let driver = match &raw.runtime.driver {
+        None => Driver::Auto,
+        Some(d) => match d.get_ref().as_str() {
+            "auto" => Driver::Auto,
+            "io_uring" | "iouring" => Driver::IoUring,
+            "epoll" | "legacy" => Driver::Epoll,
+            other => {
+                diag.at(d, "runtime.driver", format!("unknown driver `{other}`, expected auto, io_uring or epoll"));
+                Driver::Auto
+            }
+        },
+    };
+    let ring_entries = int_in(diag, &raw.runtime.ring_entries, "runtime.ring_entries", 64, 32768, 1024) as u32;
+    if !ring_entries.is_power_of_two() {
+        if let Some(r) = &raw.runtime.ring_entries {
+            diag.at(r, "runtime.ring_entries", "must be a power of two");
+        }
+    }
+
+    let api = raw.api.as_ref().and_then(|a| {
+        let r = a.get_ref();
+        if r.enabled == Some(false) {
+            return None;
+        }
+        let addr = match &r.address {
+            None => "127.0.0.1:9001".parse().ok(),
+            Some(s) => match s.get_ref().parse::<SocketAddr>() {
+                Ok(x) => Some(x),
+                Err(_) => {
+                    diag.at(s, "api.address", format!("`{}` is not ip:port", s.get_ref()));
+                    None
+                }
+            },
+        }?;
+        Some(Api {
+            addr,
+            allow: r.allow.iter().flatten().map(|s| s.get_ref().clone()).collect(),
+            token: r.token.as_ref().map(|t| t.get_ref().clone()),
+        })
+    });
+
+    let t = &raw.timeouts;
+    let d = Timeouts::default();
+    let timeouts = Timeouts {
+        connect: duration(diag, &t.connect, "timeouts.connect", d.connect),
+        client_header: duration(diag, &t.client_header, "timeouts.client_header", d.client_header),
+        client_idle: duration(diag, &t.client_idle, "timeouts.client_idle", d.client_idle),
+        client_body: duration(diag, &t.client_body, "timeouts.client_body", d.client_body),
+        upstream_response: duration(diag, &t.upstream_response, "timeouts.upstream_response", d.upstream_response),
+        upstream_idle: duration(diag, &t.upstream_idle, "timeouts.upstream_idle", d.upstream_idle),
+        tcp_idle: duration(diag, &t.tcp_idle, "timeouts.tcp_idle", d.tcp_idle),
+    };
+    let dl = Limits::default();
+    let limits = Limits {
+        max_header_bytes: int_in(diag, &raw.limits.max_header_bytes, "limits.max_header_bytes", 1024, 1 << 20, dl.max_header_bytes as i64) as usize,
+        max_headers: int_in(diag, &raw.limits.max_headers, "limits.max_headers", 8, 1000, dl.max_headers as i64) as usize,
+    };
+    let dp = Pool::default();
+    let pool = Pool {
+        max_idle_per_upstream: int_in(diag, &raw.pool.max_idle_per_upstream, "pool.max_idle_per_upstream", 0, 100_000, dp.max_idle_per_upstream as i64) as usize,
+        idle_timeout: duration(diag, &raw.pool.idle_timeout, "pool.idle_timeout", dp.idle_timeout),
+    };
+
+    Config {
+        source: None,
+        driver,
+        workers,
+        ring_entries,
+        listeners,
+        groups,
+        static_root: raw.static_files.root.as_ref().map(|r| PathBuf::from(r.get_ref())),
+        api,
+        timeouts,
+        limits,
+        pool,
+    }
+}
