@@ -193,6 +193,31 @@ def cpu_ticks(root):
     return total, sorted(pids)
 
 
+def cpu_times():
+    """{cpu_index: (busy_ticks, total_ticks)} from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            m = re.match(r"cpu(\d+)\s+(.*)", line)
+            if m:
+                v = [int(x) for x in m.group(2).split()]
+                idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+                total = sum(v[:8])  # guest time is already in user
+                out[int(m.group(1))] = (total - idle, total)
+    return out
+
+
+def cpu_busy(before, after, cpu):
+    """Busy fraction of one CPU (by index string) between two cpu_times() snapshots."""
+    try:
+        c = int(cpu)
+        busy = after[c][0] - before[c][0]
+        total = after[c][1] - before[c][1]
+        return busy / total if total > 0 else None
+    except (ValueError, KeyError):
+        return None  # e.g. a CPU list like "0-1"
+
+
 # --------------------------------------------------------------------------
 # HTTP helpers / wrk
 
@@ -434,7 +459,9 @@ def run_scenario(sname, cfg):
                     time.sleep(0.3)
                     t0, pids = cpu_ticks(proc.pid)
                     b0 = cpu_ticks(sc["backend"].pid)[0] if sc["backend"] else 0
+                    c0 = cpu_times()
                     out = run_wrk(cfg, port, conns, cfg["duration"])
+                    c1 = cpu_times()
                     t1, pids1 = cpu_ticks(proc.pid)
                     b1 = cpu_ticks(sc["backend"].pid)[0] if sc["backend"] else 0
                     procs.check_alive()
@@ -448,10 +475,13 @@ def run_scenario(sname, cfg):
                         "proxy_cpu_util": cpu_s / r["elapsed_s"] if r["elapsed_s"] else None,
                         "cpu_us_per_req": cpu_s * 1e6 / reqs,
                         "backend_cpu_us_per_req": (b1 - b0) / CLK_TCK * 1e6 / reqs,
+                        "proxy_cpu_busy": cpu_busy(c0, c1, cfg["proxy_cpu"]),
+                        "load_cpu_busy": cpu_busy(c0, c1, cfg["load_cpu"]),
                     })
                     runs.append(r)
                     log(f"[{sname}] rep {rep} c={conns:<4} {name:<14} {r['rps']:>10.0f} req/s  "
                         f"{r['cpu_us_per_req']:6.1f} us/req  cpu {100 * r['proxy_cpu_util']:5.1f}%  "
+                        f"load-cpu busy {pct(r['load_cpu_busy'])}  "
                         f"p50 {fmt_lat(r['p50_us'])}  p99 {fmt_lat(r['p99_us'])}  errors {r['errors']}  "
                         f"pids {r['proxy_pids']}")
         return {"scenario": sname, "description": sc["description"],
@@ -470,6 +500,10 @@ def run_scenario(sname, cfg):
 
 # --------------------------------------------------------------------------
 # summary / output
+
+def pct(x):
+    return "-" if x is None else f"{100 * x:.0f}%"
+
 
 def fmt_lat(us):
     if us is None:
@@ -500,6 +534,8 @@ def summarize(runs, proxies, conns_list):
                 "rps_max": max(r["rps"] for r in rs),
                 "cpu_us_per_req_median": med("cpu_us_per_req"),
                 "proxy_cpu_util_median": med("proxy_cpu_util"),
+                "proxy_cpu_busy_median": med("proxy_cpu_busy"),
+                "load_cpu_busy_median": med("load_cpu_busy"),
                 "backend_cpu_us_per_req_median": med("backend_cpu_us_per_req"),
                 "p50_us_median": med("p50_us"), "p99_us_median": med("p99_us"),
                 "errors_total": sum(r["errors"] for r in rs),
@@ -518,7 +554,7 @@ def print_table(res, cfg):
     print(f"\n== scenario {res['scenario']}: {res['description']}; wrk -t1, {cfg['duration']}s x "
           f"{cfg['repeats']} interleaved repeats; proxies on CPU {cfg['proxy_cpu']}, "
           f"wrk+backend on CPU {cfg['load_cpu']} ==")
-    hdr = ["conns", "proxy", "req/s (min-max)", "cpu%", "us/req", "p50", "p99", "errors",
+    hdr = ["conns", "proxy", "req/s (min-max)", "cpu%", "load%", "us/req", "p50", "p99", "errors",
            "rps/nginx", "rps/haproxy", "cpu/nginx", "cpu/haproxy"]
     table = [hdr]
 
@@ -529,6 +565,7 @@ def print_table(res, cfg):
         for p, r in rows.items():
             table.append([conns, p, f"{r['rps_median']:.0f} ({r['rps_min']:.0f}-{r['rps_max']:.0f})",
                           f"{100 * r['proxy_cpu_util_median']:.0f}",
+                          pct(r["load_cpu_busy_median"]).rstrip("%"),
                           f"{r['cpu_us_per_req_median']:.1f}",
                           fmt_lat(r["p50_us_median"]), fmt_lat(r["p99_us_median"]),
                           str(r["errors_total"]),
@@ -539,9 +576,10 @@ def print_table(res, cfg):
         print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print("  (req/s, cpu%, us/req, p50, p99: medians over repeats; us/req = proxy CPU time "
-          "(user+sys, all its processes) per completed request; errors = socket errors + non-2xx, "
-          "summed; ratios use medians)")
+    print("  req/s, cpu%, load%, us/req, p50, p99: medians over repeats. cpu% = proxy CPU time / wall "
+          "time;\n  load% = how busy the wrk+backend CPU was (near 100 => req/s is capped by the load "
+          "side, not the proxy);\n  us/req = proxy CPU time (user+sys, all its processes) per completed "
+          "request; errors = socket errors + non-2xx, summed.")
 
 
 def cmd_first_line(argv):

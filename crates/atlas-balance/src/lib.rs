@@ -1,0 +1,242 @@
+//! Upstream selection: round robin (smooth weighted), random (weighted),
+//! least in-flight requests across the whole process, and consistent hash.
+//!
+//! Two halves:
+//! - [`GroupShared`] is built once per upstream group and shared by every
+//!   worker (`Arc`): the upstream list, the hash ring and the in-flight table.
+//!   The in-flight table has one cache line per worker; a worker only ever
+//!   *stores* into its own line (no read-modify-write, no lock, no line
+//!   bouncing on the write side), and `least_connections` sums all lines when
+//!   it picks. That is the only cross-thread memory a request touches.
+//! - [`Picker`] is per worker and per listener: round-robin cursor, smooth
+//!   weighted round-robin weights, and the random number generator.
+//!
+//! The hash function for the ring is written here (FNV-1a folded through the
+//! murmur3 64-bit finaliser) because it must be stable across processes and
+//! versions so that several Atlas instances map a key to the same upstream;
+//! std's `DefaultHasher` makes no such promise and pulling a crate for twelve
+//! lines is not worth it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use atlas_config::{Group, Strategy};
+
+/// Stable 64-bit hash (FNV-1a + murmur3 fmix64).
+pub fn hash64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+const SLOTS_PER_LINE: usize = 16;
+
+#[repr(align(64))]
+struct Line([AtomicU32; SLOTS_PER_LINE]);
+
+/// In-flight request counts, one row of cache lines per worker.
+pub struct InflightTable {
+    upstreams: usize,
+    lines_per_worker: usize,
+    lines: Box<[Line]>,
+}
+
+impl InflightTable {
+    pub fn new(workers: usize, upstreams: usize) -> Self {
+        let lines_per_worker = upstreams.div_ceil(SLOTS_PER_LINE).max(1);
+        let lines = (0..workers.max(1) * lines_per_worker).map(|_| Line(std::array::from_fn(|_| AtomicU32::new(0)))).collect();
+        InflightTable { upstreams, lines_per_worker, lines }
+    }
+
+    fn slot(&self, worker: usize, upstream: usize) -> &AtomicU32 {
+        let line = worker * self.lines_per_worker + upstream / SLOTS_PER_LINE;
+        &self.lines[line].0[upstream % SLOTS_PER_LINE]
+    }
+
+    /// Called only by `worker` itself: a plain store, never contended.
+    pub fn add(&self, worker: usize, upstream: usize, delta: i32) {
+        let s = self.slot(worker, upstream);
+        s.store(s.load(Ordering::Relaxed).wrapping_add_signed(delta), Ordering::Relaxed);
+    }
+
+    /// In-flight requests to `upstream` summed over all workers.
+    pub fn total(&self, upstream: usize) -> u32 {
+        let workers = self.lines.len() / self.lines_per_worker;
+        (0..workers).map(|w| self.slot(w, upstream).load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn upstreams(&self) -> usize {
+        self.upstreams
+    }
+}
+
+/// A consistent-hash ring: `100 × weight` points per upstream, placed by the
+/// upstream's *name*, so adding or removing one upstream moves only its keys.
+pub struct HashRing {
+    points: Vec<(u64, u32)>,
+}
+
+impl HashRing {
+    pub fn new(names_weights: &[(&str, u32)]) -> Self {
+        let mut points = Vec::new();
+        for (i, (name, weight)) in names_weights.iter().enumerate() {
+            let n = (*weight as usize * 100).min(10_000);
+            for v in 0..n {
+                points.push((hash64(format!("{name}#{v}").as_bytes()), i as u32));
+            }
+        }
+        points.sort_unstable();
+        HashRing { points }
+    }
+
+    /// The upstream owning `key`, skipping any for which `skip` is true.
+    pub fn lookup(&self, key: u64, skip: impl Fn(usize) -> bool) -> Option<usize> {
+        if self.points.is_empty() {
+            return None;
+        }
+        let start = self.points.partition_point(|p| p.0 < key);
+        let n = self.points.len();
+        (0..n).map(|i| self.points[(start + i) % n].1 as usize).find(|&u| !skip(u))
+    }
+}
+
+/// What is shared by all workers for one upstream group.
+pub struct GroupShared {
+    pub name: String,
+    pub addrs: Vec<SocketAddr>,
+    pub names: Vec<String>,
+    pub weights: Vec<u32>,
+    pub inflight: InflightTable,
+    pub ring: HashRing,
+}
+
+impl GroupShared {
+    pub fn new(group: &Group, workers: usize) -> Self {
+        let nw: Vec<(&str, u32)> = group.upstreams.iter().map(|u| (u.name.as_str(), u.weight)).collect();
+        GroupShared {
+            name: group.name.clone(),
+            addrs: group.upstreams.iter().map(|u| u.addr).collect(),
+            names: group.upstreams.iter().map(|u| u.name.clone()).collect(),
+            weights: group.upstreams.iter().map(|u| u.weight).collect(),
+            inflight: InflightTable::new(workers, group.upstreams.len()),
+            ring: HashRing::new(&nw),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.addrs.is_empty()
+    }
+}
+
+/// Per-worker selection state for one listener.
+pub struct Picker {
+    strategy: Strategy,
+    cursor: usize,
+    equal_weights: bool,
+    total_weight: i64,
+    current: Vec<i64>,
+    rng: fastrand::Rng,
+}
+
+impl Picker {
+    pub fn new(strategy: Strategy, group: &GroupShared, seed: u64) -> Self {
+        let w0 = group.weights.first().copied().unwrap_or(1);
+        Picker {
+            strategy,
+            cursor: seed as usize % group.len().max(1),
+            equal_weights: group.weights.iter().all(|&w| w == w0 && w > 0),
+            total_weight: group.weights.iter().map(|&w| w as i64).sum(),
+            current: vec![0; group.len()],
+            rng: fastrand::Rng::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15),
+        }
+    }
+
+    /// Picks an upstream index. `hash` is the request's hash key (used by the
+    /// hash strategy only); `exclude` is an upstream already tried (retry).
+    pub fn pick(&mut self, group: &GroupShared, hash: u64, exclude: Option<usize>) -> Option<usize> {
+        let n = group.len();
+        let usable = |i: usize| group.weights[i] > 0 && Some(i) != exclude;
+        if n == 0 {
+            return None;
+        }
+        if n == 1 {
+            return usable(0).then_some(0);
+        }
+        let pick = match self.strategy {
+            Strategy::RoundRobin if self.equal_weights => {
+                self.cursor = (self.cursor + 1) % n;
+                self.cursor
+            }
+            Strategy::RoundRobin => {
+                // nginx's smooth weighted round robin.
+                let mut best = usize::MAX;
+                for i in 0..n {
+                    if group.weights[i] == 0 {
+                        continue;
+                    }
+                    self.current[i] += group.weights[i] as i64;
+                    if best == usize::MAX || self.current[i] > self.current[best] {
+                        best = i;
+                    }
+                }
+                self.current[best] -= self.total_weight;
+                best
+            }
+            Strategy::Random if self.equal_weights => self.rng.usize(..n),
+            Strategy::Random => {
+                let mut r = self.rng.i64(0..self.total_weight);
+                let mut chosen = n - 1;
+                for i in 0..n {
+                    r -= group.weights[i] as i64;
+                    if r < 0 {
+                        chosen = i;
+                        break;
+                    }
+                }
+                chosen
+            }
+            Strategy::LeastConnections => {
+                // Fewest in-flight per unit of weight; ties rotate so equal
+                // loads spread instead of piling on the first upstream.
+                self.cursor = (self.cursor + 1) % n;
+                let mut best: Option<(usize, u64)> = None;
+                for k in 0..n {
+                    let i = (self.cursor + k) % n;
+                    if !usable(i) {
+                        continue;
+                    }
+                    let load = group.inflight.total(i) as u64;
+                    let better = match best {
+                        None => true,
+                        Some((b, bload)) => load * (group.weights[b] as u64) < bload * (group.weights[i] as u64),
+                    };
+                    if better {
+                        best = Some((i, load));
+                    }
+                }
+                return best.map(|b| b.0);
+            }
+            Strategy::Hash => return group.ring.lookup(hash, |i| !usable(i)),
+        };
+        if usable(pick) {
+            Some(pick)
+        } else {
+            // Excluded (retry): the next usable one in order.
+            (1..n).map(|k| (pick + k) % n).find(|&i| usable(i))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
