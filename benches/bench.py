@@ -298,11 +298,19 @@ def run_wrk(cfg, port, conns, duration, latency=True):
     if latency:
         argv.append("--latency")
     argv.append(f"http://127.0.0.1:{port}/")
-    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=duration + 60)
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=_set_pdeathsig)
+    try:
+        out, err = p.communicate(timeout=duration + 60)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish within {duration + 60}s")
+    finally:
+        if p.poll() is None:  # interrupted or timed out: don't leave wrk running
+            p.kill()
+            p.wait()
     if p.returncode != 0:
-        raise BenchError(f"wrk failed ({p.returncode}): {p.stderr or p.stdout}")
-    return p.stdout
+        raise BenchError(f"wrk failed ({p.returncode}): {err or out}")
+    return out
 
 
 # --------------------------------------------------------------------------

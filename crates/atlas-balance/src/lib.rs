@@ -163,10 +163,11 @@ impl Picker {
     }
 
     /// Picks an upstream index. `hash` is the request's hash key (used by the
-    /// hash strategy only); `exclude` is an upstream already tried (retry).
-    pub fn pick(&mut self, group: &GroupShared, hash: u64, exclude: Option<usize>) -> Option<usize> {
+    /// hash strategy only); `excluded` is a bit set of upstreams already
+    /// tried for this request (retry); indexes past 63 are never excluded.
+    pub fn pick(&mut self, group: &GroupShared, hash: u64, excluded: u64) -> Option<usize> {
         let n = group.len();
-        let usable = |i: usize| group.weights[i] > 0 && Some(i) != exclude;
+        let usable = |i: usize| group.weights[i] > 0 && (i >= 64 || excluded & (1u64 << i) == 0);
         if n == 0 {
             return None;
         }

@@ -22,7 +22,7 @@ fn group(weights: &[u32]) -> GroupShared {
 fn counts(p: &mut Picker, g: &GroupShared, n: usize) -> Vec<usize> {
     let mut c = vec![0; g.len()];
     for i in 0..n {
-        c[p.pick(g, hash64(&i.to_le_bytes()), None).unwrap()] += 1;
+        c[p.pick(g, hash64(&i.to_le_bytes()), 0).unwrap()] += 1;
     }
     c
 }
@@ -38,7 +38,7 @@ fn round_robin_is_exactly_even() {
 fn weighted_round_robin_follows_weights_smoothly() {
     let g = group(&[5, 1, 1]);
     let mut p = Picker::new(Strategy::RoundRobin, &g, 0);
-    let seq: Vec<usize> = (0..7).map(|_| p.pick(&g, 0, None).unwrap()).collect();
+    let seq: Vec<usize> = (0..7).map(|_| p.pick(&g, 0, 0).unwrap()).collect();
     // nginx's smooth WRR for {5,1,1}: a a b a c a a
     assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
     assert_eq!(counts(&mut p, &g, 700), vec![500, 100, 100]);
@@ -74,9 +74,9 @@ fn least_connections_sees_other_workers_in_flight() {
     g.inflight.add(1, 0, 5);
     g.inflight.add(1, 1, 2);
     let mut p = Picker::new(Strategy::LeastConnections, &g, 0);
-    assert_eq!(p.pick(&g, 0, None), Some(2));
+    assert_eq!(p.pick(&g, 0, 0), Some(2));
     g.inflight.add(0, 2, 3);
-    assert_eq!(p.pick(&g, 0, None), Some(1));
+    assert_eq!(p.pick(&g, 0, 0), Some(1));
     assert_eq!(g.inflight.total(2), 3);
     g.inflight.add(0, 2, -3);
     assert_eq!(g.inflight.total(2), 0);
@@ -97,16 +97,16 @@ fn least_connections_respects_weight() {
     g.inflight.add(0, 1, 2);
     // 1/1 vs 2/3: u1 is less loaded relative to its weight.
     let mut p = Picker::new(Strategy::LeastConnections, &g, 0);
-    assert_eq!(p.pick(&g, 0, None), Some(1));
+    assert_eq!(p.pick(&g, 0, 0), Some(1));
 }
 
 #[test]
 fn hash_is_stable_and_consistent() {
     let g = group(&[1, 1, 1, 1]);
     let mut p = Picker::new(Strategy::Hash, &g, 3);
-    let before: Vec<usize> = (0..1000u32).map(|k| p.pick(&g, hash64(&k.to_le_bytes()), None).unwrap()).collect();
+    let before: Vec<usize> = (0..1000u32).map(|k| p.pick(&g, hash64(&k.to_le_bytes()), 0).unwrap()).collect();
     let mut p2 = Picker::new(Strategy::Hash, &g, 99);
-    let again: Vec<usize> = (0..1000u32).map(|k| p2.pick(&g, hash64(&k.to_le_bytes()), None).unwrap()).collect();
+    let again: Vec<usize> = (0..1000u32).map(|k| p2.pick(&g, hash64(&k.to_le_bytes()), 0).unwrap()).collect();
     assert_eq!(before, again, "same key, same upstream, whatever the worker");
     for u in 0..4 {
         let n = before.iter().filter(|&&x| x == u).count();
@@ -116,7 +116,7 @@ fn hash_is_stable_and_consistent() {
     let g3 = group(&[1, 1, 1]);
     let mut p3 = Picker::new(Strategy::Hash, &g3, 3);
     for k in 0..1000u32 {
-        let now = p3.pick(&g3, hash64(&k.to_le_bytes()), None).unwrap();
+        let now = p3.pick(&g3, hash64(&k.to_le_bytes()), 0).unwrap();
         if before[k as usize] != 3 {
             assert_eq!(now, before[k as usize], "key {k} moved");
         }
@@ -129,12 +129,12 @@ fn exclude_picks_another() {
     for s in [Strategy::RoundRobin, Strategy::Random, Strategy::LeastConnections, Strategy::Hash] {
         let mut p = Picker::new(s, &g, 5);
         for k in 0..50u64 {
-            assert_eq!(p.pick(&g, hash64(&k.to_le_bytes()), Some(0)), Some(1), "{s:?}");
+            assert_eq!(p.pick(&g, hash64(&k.to_le_bytes()), 1), Some(1), "{s:?}");
         }
     }
     let g1 = group(&[1]);
     let mut p = Picker::new(Strategy::RoundRobin, &g1, 0);
-    assert_eq!(p.pick(&g1, 0, Some(0)), None);
+    assert_eq!(p.pick(&g1, 0, 1), None);
 }
 
 #[test]

@@ -1,0 +1,451 @@
+//! One client connection of the HTTP/1.1 reverse proxy, from first byte to
+//! close: read a request head, pick and reach an upstream (pool or connect,
+//! with retries), stream the request body, stream the response back, return
+//! the upstream connection to the pool, repeat for keep-alive and pipelined
+//! requests in order. `Upgrade` requests that get `101` become a byte pipe.
+//!
+//! Bodies are streamed through fixed buffers, never held whole. Every wait
+//! has a timeout (header read, idle keep-alive, body reads, upstream
+//! response head, upstream body reads). Errors before any response byte was
+//! sent become a short 4xx/5xx reply; after that the connection is closed.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Split, Splitable};
+use monoio::net::TcpStream;
+use monoio::time::{timeout, timeout_at, Instant};
+
+use super::chunked::ChunkedScanner;
+use super::codec::{self, BodyKind, RequestInfo, ResponseCtx, RewriteCtx};
+use crate::error::{ProxyError, Side};
+use crate::io::{copy_half, give_buf, read_more, shutdown_fd, take_buf, write_range, write_vec, BUF_SIZE};
+use crate::upstream::{self, InflightGuard};
+use crate::ListenerCtx;
+
+/// Largest upstream response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+struct Bufs {
+    /// Bytes from the client not yet consumed (next request, body).
+    cbuf: Vec<u8>,
+    /// Bytes from the upstream.
+    ubuf: Vec<u8>,
+    /// Rewritten heads (request, then response) plus body bytes to send.
+    out: Vec<u8>,
+}
+
+enum Step {
+    KeepAlive,
+    Close,
+    Upgrade(TcpStream),
+}
+
+/// Serves one client connection until it closes. `client_fd` is the
+/// underlying socket, used to wake a tunnel when its other half fails.
+pub async fn serve<S>(ctx: Rc<ListenerCtx>, mut client: S, peer: SocketAddr, client_fd: RawFd)
+where
+    S: AsyncReadRent + AsyncWriteRent + Split + 'static,
+{
+    let mut b = Bufs { cbuf: take_buf(), ubuf: take_buf(), out: take_buf() };
+    loop {
+        match exchange(&ctx, &mut client, peer, &mut b).await {
+            Step::KeepAlive => continue,
+            Step::Close => break,
+            Step::Upgrade(up) => {
+                tunnel(&ctx, client, up, client_fd, b).await;
+                return;
+            }
+        }
+    }
+    give_buf(b.cbuf);
+    give_buf(b.ubuf);
+    give_buf(b.out);
+}
+
+async fn reply<S: AsyncWriteRent>(client: &mut S, b: &mut Bufs, status: u16, msg: &str, keep_alive: bool) -> Step {
+    b.out.clear();
+    b.out.extend_from_slice(&codec::simple_response(status, codec::status_reason(status), &format!("{msg}\n"), keep_alive));
+    match write_vec(client, &mut b.out).await {
+        Ok(()) if keep_alive => Step::KeepAlive,
+        _ => Step::Close,
+    }
+}
+
+enum Head {
+    Request(RequestInfo),
+    /// Client went away or stayed idle: close quietly.
+    Gone,
+    Refuse(u16, &'static str),
+}
+
+async fn read_head<S: AsyncReadRent>(ctx: &ListenerCtx, client: &mut S, peer: SocketAddr, b: &mut Bufs) -> Head {
+    let limits = &ctx.limits;
+    if b.cbuf.is_empty() {
+        match timeout(ctx.timeouts.client_idle, read_more(client, &mut b.cbuf, limits.max_header_bytes + BUF_SIZE)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Head::Gone,
+        }
+    }
+    let rctx = RewriteCtx { client_ip: peer.ip(), proto: ctx.proto, max_headers: limits.max_headers, hash_key: ctx.hash_key.as_ref() };
+    let deadline = Instant::now() + ctx.timeouts.client_header;
+    loop {
+        b.out.clear();
+        match codec::rewrite_request(&b.cbuf, &mut b.out, &rctx) {
+            Ok(Some(info)) if info.head_len > limits.max_header_bytes => return Head::Refuse(431, "request head too large"),
+            Ok(Some(info)) => return Head::Request(info),
+            Ok(None) if b.cbuf.len() >= limits.max_header_bytes => return Head::Refuse(431, "request head too large"),
+            Ok(None) => match timeout_at(deadline, read_more(client, &mut b.cbuf, limits.max_header_bytes + BUF_SIZE)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return Head::Gone,
+                Err(_) => return Head::Refuse(408, "request header timeout"),
+            },
+            Err(e) => return Head::Refuse(e.status(), e.reason()),
+        }
+    }
+}
+
+/// Request body still to be read from the client after the first buffer.
+enum BodyLeft {
+    Done,
+    Length(u64),
+    Chunked(ChunkedScanner),
+}
+
+/// Appends the body bytes already buffered to `out` and consumes the head
+/// and those bytes from `cbuf`.
+fn take_initial_body(info: &RequestInfo, b: &mut Bufs) -> Result<BodyLeft, &'static str> {
+    let rest = &b.cbuf[info.head_len..];
+    let (used, left) = match info.body {
+        BodyKind::None | BodyKind::UntilClose => (0, BodyLeft::Done),
+        BodyKind::Length(n) => {
+            let avail = (rest.len() as u64).min(n) as usize;
+            (avail, if avail as u64 == n { BodyLeft::Done } else { BodyLeft::Length(n - avail as u64) })
+        }
+        BodyKind::Chunked => {
+            let mut sc = ChunkedScanner::new();
+            let used = sc.scan(rest, |_| {}).map_err(|e| e.as_str())?;
+            (used, if sc.is_done() { BodyLeft::Done } else { BodyLeft::Chunked(sc) })
+        }
+    };
+    b.out.extend_from_slice(&rest[..used]);
+    b.cbuf.drain(..info.head_len + used);
+    Ok(left)
+}
+
+/// Streams the rest of a request body from client to upstream.
+async fn stream_request_body<S: AsyncReadRent>(ctx: &ListenerCtx, client: &mut S, up: &mut TcpStream, b: &mut Bufs, mut left: BodyLeft) -> Result<(), ProxyError> {
+    loop {
+        let need = match &left {
+            BodyLeft::Done => return Ok(()),
+            _ => b.cbuf.is_empty(),
+        };
+        if need {
+            match timeout(ctx.timeouts.client_body, read_more(client, &mut b.cbuf, BUF_SIZE)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(Ok(_)) => return Err(ProxyError::new(Side::Client, false, "client closed during request body")),
+                Ok(Err(e)) => return Err(ProxyError::io(Side::Client, false, "client read failed", e)),
+                Err(_) => return Err(ProxyError::new(Side::Client, false, "request body timed out")),
+            }
+        }
+        let used = match &mut left {
+            BodyLeft::Done => 0,
+            BodyLeft::Length(n) => {
+                let used = (b.cbuf.len() as u64).min(*n) as usize;
+                *n -= used as u64;
+                if *n == 0 {
+                    left = BodyLeft::Done;
+                }
+                used
+            }
+            BodyLeft::Chunked(sc) => {
+                let used = sc.scan(&b.cbuf, |_| {}).map_err(|e| ProxyError::new(Side::Client, false, e.as_str()))?;
+                if sc.is_done() {
+                    left = BodyLeft::Done;
+                }
+                used
+            }
+        };
+        write_range(up, &mut b.cbuf, 0..used).await.map_err(|e| ProxyError::io(Side::Upstream, false, "upstream write failed", e))?;
+        b.cbuf.drain(..used);
+    }
+}
+
+/// Reads the upstream's response head into `ubuf`.
+async fn read_response_head(ctx: &ListenerCtx, up: &mut TcpStream, b: &mut Bufs) -> Result<(), ProxyError> {
+    let deadline = Instant::now() + ctx.timeouts.upstream_response;
+    loop {
+        match timeout_at(deadline, read_more(up, &mut b.ubuf, MAX_RESPONSE_HEAD + BUF_SIZE)).await {
+            Ok(Ok(n)) if n > 0 => {
+                if httparse_complete(&b.ubuf) {
+                    return Ok(());
+                }
+                if b.ubuf.len() > MAX_RESPONSE_HEAD {
+                    return Err(ProxyError::new(Side::Upstream, false, "response head too large"));
+                }
+            }
+            Ok(Ok(_)) => return Err(ProxyError::new(Side::Upstream, b.ubuf.is_empty(), "upstream closed before responding")),
+            Ok(Err(e)) => return Err(ProxyError::io(Side::Upstream, b.ubuf.is_empty(), "upstream read failed", e)),
+            Err(_) => return Err(ProxyError::new(Side::Upstream, false, "upstream response timed out")),
+        }
+    }
+}
+
+/// True once `buf` holds a whole head (or something that cannot become one,
+/// which the real parse then reports).
+fn httparse_complete(buf: &[u8]) -> bool {
+    let mut h = [httparse::EMPTY_HEADER; 128];
+    !matches!(httparse::Response::new(&mut h).parse(buf), Ok(httparse::Status::Partial))
+}
+
+/// One request/response exchange on a client connection.
+async fn exchange<S>(ctx: &ListenerCtx, client: &mut S, peer: SocketAddr, b: &mut Bufs) -> Step
+where
+    S: AsyncReadRent + AsyncWriteRent,
+{
+    let info = match read_head(ctx, client, peer, b).await {
+        Head::Request(info) => info,
+        Head::Gone => return Step::Close,
+        Head::Refuse(status, why) => {
+            tracing::debug!(%peer, status, why, "request refused");
+            return reply(client, b, status, why, false).await;
+        }
+    };
+    let left = match take_initial_body(&info, b) {
+        Ok(l) => l,
+        Err(why) => return reply(client, b, 400, why, false).await,
+    };
+    let replayable = matches!(left, BodyLeft::Done);
+    if info.expect_continue && !replayable {
+        let mut cont = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        if write_vec(client, &mut cont).await.is_err() {
+            return Step::Close;
+        }
+    }
+    let Some(group) = ctx.group.as_deref() else {
+        return reply(client, b, 503, "listener has no upstreams", false).await;
+    };
+    let mut left = Some(left);
+    let mut excluded = 0u64;
+    let mut use_pool = true;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut c = match upstream::connect(ctx, info.hash, &mut excluded, use_pool).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "no upstream");
+                let keep = replayable && info.keep_alive;
+                let msg = if e.side == Side::Config { "no upstream available" } else { "upstream unavailable" };
+                return reply(client, b, e.status(), msg, keep).await;
+            }
+        };
+        let _inflight = InflightGuard::new(group, ctx.worker, c.idx);
+        let sent = match write_vec(&mut c.conn, &mut b.out).await {
+            Ok(()) => match left.take() {
+                Some(l) => stream_request_body(ctx, client, &mut c.conn, b, l).await,
+                None => Ok(()),
+            },
+            Err(e) => Err(ProxyError::io(Side::Upstream, true, "upstream write failed", e)),
+        };
+        b.ubuf.clear();
+        let result = match sent {
+            Ok(()) => read_response_head(ctx, &mut c.conn, b).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return respond(ctx, client, c, b, &info).await,
+            Err(e) if e.side == Side::Upstream && e.retry_safe && replayable && c.reused && tries < 3 => {
+                // A pooled connection the upstream had closed: once more, fresh.
+                tracing::debug!(error = %e, "stale pooled connection, retrying on a fresh one");
+                use_pool = false;
+                left = Some(BodyLeft::Done);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, upstream = %group.names[c.idx], error = %e, "request failed");
+                if e.side == Side::Client {
+                    return Step::Close;
+                }
+                let keep = info.keep_alive && replayable;
+                let msg = if e.status() == 504 { "upstream timed out" } else { "upstream failed" };
+                return reply(client, b, e.status(), msg, keep).await;
+            }
+        }
+    }
+}
+
+/// Sends the response whose head is in `ubuf` to the client, then the body.
+async fn respond<S>(ctx: &ListenerCtx, client: &mut S, mut c: upstream::Connected, b: &mut Bufs, req: &RequestInfo) -> Step
+where
+    S: AsyncReadRent + AsyncWriteRent,
+{
+    let rctx = ResponseCtx { client_http11: req.http11, client_keep_alive: req.keep_alive, request_is_head: req.is_head, request_upgrade: req.upgrade };
+    // Interim (1xx) responses are relayed, then the final one is read.
+    let (res, client_keep) = loop {
+        b.out.clear();
+        match codec::rewrite_response(&b.ubuf, &mut b.out, &rctx) {
+            Ok(Some((res, keep))) if (100..200).contains(&res.status) && !(res.status == 101 && req.upgrade) => {
+                let _ = keep;
+                if write_vec(client, &mut b.out).await.is_err() {
+                    return Step::Close;
+                }
+                b.ubuf.drain(..res.head_len);
+                if !httparse_complete(&b.ubuf) || b.ubuf.is_empty() {
+                    if let Err(e) = read_response_head(ctx, &mut c.conn, b).await {
+                        tracing::warn!(error = %e, "after interim response");
+                        return Step::Close;
+                    }
+                }
+            }
+            Ok(Some(x)) => break x,
+            Ok(None) => return reply(client, b, 502, "upstream response head incomplete", false).await,
+            Err(why) => {
+                tracing::warn!(why, "malformed upstream response");
+                return reply(client, b, 502, "invalid upstream response", false).await;
+            }
+        }
+    };
+    let rest_start = res.head_len;
+    if res.status == 101 {
+        // Switching protocols: head now, leftovers in `tunnel`.
+        if write_vec(client, &mut b.out).await.is_err() {
+            return Step::Close;
+        }
+        b.ubuf.drain(..rest_start);
+        return Step::Upgrade(c.conn);
+    }
+    let idle = ctx.timeouts.upstream_idle;
+    let mut upstream_clean = res.upstream_keep_alive;
+    let ok = match res.body {
+        BodyKind::None => {
+            upstream_clean &= b.ubuf.len() == rest_start;
+            write_vec(client, &mut b.out).await.is_ok()
+        }
+        BodyKind::Length(n) => {
+            let avail = ((b.ubuf.len() - rest_start) as u64).min(n) as usize;
+            upstream_clean &= b.ubuf.len() - rest_start <= avail;
+            b.out.extend_from_slice(&b.ubuf[rest_start..rest_start + avail]);
+            let mut left = n - avail as u64;
+            let mut ok = write_vec(client, &mut b.out).await.is_ok();
+            while ok && left > 0 {
+                b.ubuf.clear();
+                match timeout(idle, read_more(&mut c.conn, &mut b.ubuf, BUF_SIZE)).await {
+                    Ok(Ok(got)) if got > 0 => {
+                        let take = (got as u64).min(left) as usize;
+                        upstream_clean &= take == got;
+                        left -= take as u64;
+                        ok = write_range(client, &mut b.ubuf, 0..take).await.is_ok();
+                    }
+                    _ => {
+                        tracing::warn!("upstream body ended early or stalled");
+                        ok = false;
+                    }
+                }
+            }
+            ok
+        }
+        BodyKind::Chunked => {
+            let dechunk = !req.http11;
+            let mut sc = ChunkedScanner::new();
+            let mut ok = true;
+            let mut start = rest_start;
+            loop {
+                let chunk = &b.ubuf[start..];
+                let mut scratch = std::mem::take(&mut b.out);
+                let used = match sc.scan(chunk, |r| {
+                    if dechunk {
+                        scratch.extend_from_slice(&chunk[r]);
+                    }
+                }) {
+                    Ok(used) => used,
+                    Err(e) => {
+                        tracing::warn!(error = e.as_str(), "bad chunked response from upstream");
+                        b.out = scratch;
+                        ok = false;
+                        break;
+                    }
+                };
+                if !dechunk {
+                    scratch.extend_from_slice(&chunk[..used]);
+                }
+                b.out = scratch;
+                upstream_clean &= used == chunk.len();
+                if write_vec(client, &mut b.out).await.is_err() {
+                    ok = false;
+                    break;
+                }
+                if sc.is_done() {
+                    break;
+                }
+                b.out.clear();
+                b.ubuf.clear();
+                start = 0;
+                match timeout(idle, read_more(&mut c.conn, &mut b.ubuf, BUF_SIZE)).await {
+                    Ok(Ok(got)) if got > 0 => {}
+                    _ => {
+                        tracing::warn!("upstream chunked body ended early or stalled");
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            ok
+        }
+        BodyKind::UntilClose => {
+            b.out.extend_from_slice(&b.ubuf[rest_start..]);
+            let mut ok = write_vec(client, &mut b.out).await.is_ok();
+            while ok {
+                b.ubuf.clear();
+                match timeout(idle, read_more(&mut c.conn, &mut b.ubuf, BUF_SIZE)).await {
+                    Ok(Ok(got)) if got > 0 => ok = write_vec(client, &mut b.ubuf).await.is_ok(),
+                    Ok(Ok(_)) => break,
+                    _ => ok = false,
+                }
+            }
+            upstream_clean = false;
+            ok
+        }
+    };
+    if ok && upstream_clean {
+        ctx.pool.put(c.addr, c.conn);
+    }
+    if ok && client_keep {
+        Step::KeepAlive
+    } else {
+        Step::Close
+    }
+}
+
+/// After `101 Switching Protocols`: a byte pipe both ways until both close.
+async fn tunnel<S>(ctx: &ListenerCtx, mut client: S, mut up: TcpStream, client_fd: RawFd, mut b: Bufs)
+where
+    S: AsyncReadRent + AsyncWriteRent + Split + 'static,
+{
+    let up_fd = up.as_raw_fd();
+    // Bytes that arrived with the heads belong to the new protocol.
+    let early_ok = write_vec(&mut client, &mut b.ubuf).await.is_ok() && write_vec(&mut up, &mut b.cbuf).await.is_ok();
+    give_buf(b.cbuf);
+    give_buf(b.ubuf);
+    give_buf(b.out);
+    if !early_ok {
+        return;
+    }
+    let idle = ctx.timeouts.tcp_idle;
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = up.into_split();
+    let to_up = async {
+        if copy_half(&mut cr, &mut uw, idle).await.is_err() {
+            shutdown_fd(client_fd);
+            shutdown_fd(up_fd);
+        }
+    };
+    let to_client = async {
+        if copy_half(&mut ur, &mut cw, idle).await.is_err() {
+            shutdown_fd(client_fd);
+            shutdown_fd(up_fd);
+        }
+    };
+    monoio::join!(to_up, to_client);
+}

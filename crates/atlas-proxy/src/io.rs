@@ -1,0 +1,114 @@
+//! Buffer plumbing for monoio's owned-buffer I/O: a per-thread buffer pool,
+//! read/write helpers that keep a `Vec<u8>` in place across awaits, and the
+//! bidirectional byte pipe used by TCP mode and by upgraded (101) HTTP
+//! connections.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use monoio::buf::{IoBuf, IoBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+
+/// Size of the per-connection buffers.
+pub const BUF_SIZE: usize = 16 * 1024;
+const POOL_MAX: usize = 4096;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Takes an empty buffer of at least [`BUF_SIZE`] from this thread's pool.
+pub fn take_buf() -> Vec<u8> {
+    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
+}
+
+/// Returns a buffer to this thread's pool (oversized ones are shrunk).
+pub fn give_buf(mut b: Vec<u8>) {
+    if b.capacity() < BUF_SIZE {
+        return;
+    }
+    if b.capacity() > 4 * BUF_SIZE {
+        b = Vec::with_capacity(BUF_SIZE);
+    }
+    b.clear();
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_MAX {
+            p.push(b);
+        }
+    });
+}
+
+/// Reads more bytes at the end of `buf`, growing it when full (up to `max`).
+/// Returns the number of bytes read (0: end of stream).
+pub async fn read_more<S: AsyncReadRent>(s: &mut S, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < 512 {
+        if buf.capacity() >= max {
+            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "buffer limit reached"));
+        }
+        buf.reserve(buf.capacity().max(BUF_SIZE).min(max - buf.len()));
+    }
+    let owned = std::mem::take(buf);
+    let (len, cap) = (owned.len(), owned.capacity());
+    let (res, slice) = s.read(owned.slice_mut(len..cap)).await;
+    *buf = slice.into_inner();
+    res
+}
+
+/// Writes all of `buf` (it is kept, unchanged, for reuse).
+pub async fn write_vec<S: AsyncWriteRent>(s: &mut S, buf: &mut Vec<u8>) -> io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let owned = std::mem::take(buf);
+    let (res, b) = s.write_all(owned).await;
+    *buf = b;
+    res.map(|_| ())
+}
+
+/// Writes `buf[range]`.
+pub async fn write_range<S: AsyncWriteRent>(s: &mut S, buf: &mut Vec<u8>, range: std::ops::Range<usize>) -> io::Result<()> {
+    if range.is_empty() {
+        return Ok(());
+    }
+    let owned = std::mem::take(buf);
+    let (res, slice) = s.write_all(owned.slice(range)).await;
+    *buf = slice.into_inner();
+    res.map(|_| ())
+}
+
+/// Wakes anything blocked on `fd` (both directions) so a tunnel whose other
+/// half failed does not wait for its idle timeout.
+pub fn shutdown_fd(fd: RawFd) {
+    // SAFETY: shutdown on a descriptor we own; an error (already closed) is harmless.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+/// Copies `from` -> `to` until end of stream, then half-closes `to`.
+/// Each read may wait at most `idle`.
+pub async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(from: &mut R, to: &mut W, idle: Duration) -> io::Result<u64> {
+    let mut buf = take_buf();
+    let mut total = 0u64;
+    let res = loop {
+        buf.clear();
+        let n = match monoio::time::timeout(idle, read_more(from, &mut buf, BUF_SIZE)).await {
+            Ok(Ok(0)) => break Ok(total),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => break Err(e),
+            Err(_) => break Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+        };
+        if let Err(e) = write_vec(to, &mut buf).await {
+            break Err(e);
+        }
+        total += n as u64;
+    };
+    if res.is_ok() {
+        let _ = to.shutdown().await;
+    }
+    give_buf(buf);
+    res
+}

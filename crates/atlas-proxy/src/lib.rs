@@ -1,0 +1,41 @@
+//! The Atlas data path: what happens to a connection after accept.
+//!
+//! - `http`: the HTTP/1.1 reverse proxy (codec, chunked scanner, session).
+//! - `tcp`: layer-4 passthrough with half-close (splice on plain sockets).
+//! - `upstream`: picking and connecting to an upstream, in-flight accounting.
+//! - `pool`: per-worker keep-alive pool of upstream connections.
+//! - `io`: buffers and byte pipes over monoio's owned-buffer I/O.
+//!
+//! Handlers are generic over the client stream (`AsyncReadRent +
+//! AsyncWriteRent + Split`), so the same code serves plain TCP and TLS.
+
+pub mod error;
+pub mod http;
+pub mod io;
+pub mod pool;
+pub mod tcp;
+pub mod upstream;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use atlas_balance::{GroupShared, Picker};
+use atlas_config::{HashKey, Limits, Timeouts};
+
+pub use error::{ProxyError, Side};
+
+/// Everything a connection handler needs, built per worker and listener.
+pub struct ListenerCtx {
+    pub worker: usize,
+    pub name: String,
+    /// `http` or `https`: the value of `X-Forwarded-Proto`.
+    pub proto: &'static str,
+    pub group: Option<Arc<GroupShared>>,
+    pub picker: Option<RefCell<Picker>>,
+    /// Set when the strategy is `hash`.
+    pub hash_key: Option<HashKey>,
+    pub pool: Rc<pool::ConnPool>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+}

@@ -1,0 +1,82 @@
+//! Per-worker keep-alive pool of upstream connections.
+//!
+//! Owned by one worker thread (no lock). Keyed by upstream address so that a
+//! reload that keeps an upstream keeps its warm connections. Idle connections
+//! are reused most-recent first (the warmest, least likely to have been
+//! closed by the upstream's own idle timer); each is closed once older than
+//! `idle_timeout`, and at most `max_idle` are kept per upstream. A pooled
+//! connection the upstream closed meanwhile is caught by the proxy's retry of
+//! a replayable request on a fresh connection.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+
+pub struct ConnPool {
+    idle: RefCell<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
+    max_idle: Cell<usize>,
+    idle_timeout: Cell<Duration>,
+    /// Reuse counters (hits, misses), read by metrics later.
+    pub hits: Cell<u64>,
+    pub misses: Cell<u64>,
+}
+
+impl ConnPool {
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+        ConnPool {
+            idle: RefCell::new(HashMap::new()),
+            max_idle: Cell::new(max_idle),
+            idle_timeout: Cell::new(idle_timeout),
+            hits: Cell::new(0),
+            misses: Cell::new(0),
+        }
+    }
+
+    /// A live-looking idle connection to `addr`, if any.
+    pub fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        let now = Instant::now();
+        while let Some((conn, since)) = list.pop() {
+            if now.duration_since(since) < self.idle_timeout.get() {
+                self.hits.set(self.hits.get() + 1);
+                return Some(conn);
+            }
+            // The rest are older still.
+            list.clear();
+            drop(conn);
+        }
+        self.misses.set(self.misses.get() + 1);
+        None
+    }
+
+    pub fn put(&self, addr: SocketAddr, conn: TcpStream) {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(addr).or_default();
+        if list.len() >= self.max_idle.get() {
+            // Drop the oldest: keep the warm end.
+            if list.is_empty() {
+                return;
+            }
+            list.remove(0);
+        }
+        list.push((conn, Instant::now()));
+    }
+
+    /// Closes connections idle for longer than the timeout.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let timeout = self.idle_timeout.get();
+        self.idle.borrow_mut().retain(|_, list| {
+            list.retain(|(_, since)| now.duration_since(*since) < timeout);
+            !list.is_empty()
+        });
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().values().map(Vec::len).sum()
+    }
+}

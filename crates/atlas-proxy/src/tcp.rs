@@ -1,0 +1,125 @@
+//! TCP mode: layer-4 passthrough. Picks an upstream per connection (hash on
+//! the client IP when the strategy is `hash`), then pipes bytes both ways.
+//! Half-close is honoured: when one side finishes sending, the other side's
+//! write half is shut down and the opposite direction keeps flowing until it
+//! ends too. Plain sockets use splice(2) through a pipe (no copy through user
+//! space); other streams (TLS) copy through a pooled buffer.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::Duration;
+
+use atlas_balance::hash64;
+use monoio::io::splice::{SpliceDestination, SpliceSource};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Split, Splitable};
+use monoio::io::as_fd::{AsReadFd, AsWriteFd};
+use monoio::net::TcpStream;
+
+use crate::io::{copy_half, shutdown_fd};
+use crate::upstream::{self, InflightGuard};
+use crate::ListenerCtx;
+
+const SPLICE_CHUNK: u32 = 64 * 1024;
+
+fn client_hash(ctx: &ListenerCtx, peer: SocketAddr) -> u64 {
+    match (&ctx.hash_key, peer.ip()) {
+        (None, _) => 0,
+        (Some(_), std::net::IpAddr::V4(v4)) => hash64(&v4.octets()),
+        (Some(_), std::net::IpAddr::V6(v6)) => hash64(&v6.octets()),
+    }
+}
+
+async fn splice_half<R: AsReadFd, W: AsWriteFd + AsyncWriteRent>(from: &mut R, to: &mut W, idle: Duration) -> io::Result<u64> {
+    let (mut pr, mut pw) = monoio::net::unix::new_pipe()?;
+    let mut total = 0u64;
+    loop {
+        let n = match monoio::time::timeout(idle, from.splice_to_pipe(&mut pw, SPLICE_CHUNK)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+        };
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(total);
+        }
+        let mut left = n;
+        while left > 0 {
+            let w = to.splice_from_pipe(&mut pr, left).await?;
+            if w == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "peer stopped reading"));
+            }
+            left -= w;
+        }
+        total += n as u64;
+    }
+}
+
+/// Serves one TCP-mode connection on a plain socket (splice).
+pub async fn serve_plain(ctx: Rc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
+    let client_fd = client.as_raw_fd();
+    let Some(group) = ctx.group.clone() else { return };
+    let mut excluded = 0;
+    let c = match upstream::connect(&ctx, client_hash(&ctx, peer), &mut excluded, false).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "tcp: no upstream, closing client");
+            return;
+        }
+    };
+    let _inflight = InflightGuard::new(&group, ctx.worker, c.idx);
+    let up_fd = c.conn.as_raw_fd();
+    let idle = ctx.timeouts.tcp_idle;
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = c.conn.into_split();
+    let fail = |e: io::Error| {
+        tracing::debug!(%peer, error = %e, "tcp pipe ended with error");
+        shutdown_fd(client_fd);
+        shutdown_fd(up_fd);
+    };
+    let a = async {
+        if let Err(e) = splice_half(&mut cr, &mut uw, idle).await {
+            fail(e);
+        }
+    };
+    let b = async {
+        if let Err(e) = splice_half(&mut ur, &mut cw, idle).await {
+            fail(e);
+        }
+    };
+    monoio::join!(a, b);
+}
+
+/// Serves one TCP-mode connection over any stream (e.g. TLS), copying.
+pub async fn serve_stream<S>(ctx: Rc<ListenerCtx>, client: S, peer: SocketAddr, client_fd: RawFd)
+where
+    S: AsyncReadRent + AsyncWriteRent + Split + 'static,
+{
+    let Some(group) = ctx.group.clone() else { return };
+    let mut excluded = 0;
+    let c = match upstream::connect(&ctx, client_hash(&ctx, peer), &mut excluded, false).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "tcp: no upstream, closing client");
+            return;
+        }
+    };
+    let _inflight = InflightGuard::new(&group, ctx.worker, c.idx);
+    let up_fd = c.conn.as_raw_fd();
+    let idle = ctx.timeouts.tcp_idle;
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = c.conn.into_split();
+    let a = async {
+        if copy_half(&mut cr, &mut uw, idle).await.is_err() {
+            shutdown_fd(client_fd);
+            shutdown_fd(up_fd);
+        }
+    };
+    let b = async {
+        if copy_half(&mut ur, &mut cw, idle).await.is_err() {
+            shutdown_fd(client_fd);
+            shutdown_fd(up_fd);
+        }
+    };
+    monoio::join!(a, b);
+}

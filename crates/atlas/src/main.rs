@@ -1,0 +1,164 @@
+//! `atlas [CONFIG]`: command line, logging, start-up wiring and signals.
+//!
+//! Start-up order: parse arguments, load and validate the configuration
+//! (every error printed with file:line:column), choose the I/O driver, bind
+//! every listener (a busy port fails here, before anything is served), start
+//! the API thread and the workers, then wait for a signal on the main thread
+//! (signals are blocked in every other thread).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use nix::sys::signal::{SigSet, Signal};
+
+const USAGE: &str = "\
+atlas — load balancer and game gateway
+
+USAGE:
+    atlas [CONFIG]                 run with CONFIG (TOML); without it, the embedded
+                                   game-gateway default (ATLAS_PROXY_ADDR, ATLAS_API_ADDR)
+    atlas --check CONFIG           validate CONFIG, print every error, exit non-zero on error
+    atlas --version                print the version
+    atlas --help                   print this help
+
+OPTIONS:
+    --takeover                     take the listening sockets over from a running Atlas
+                                   (reserved: not implemented in this build)
+    --takeover-socket PATH         Unix socket for takeover (default /tmp/atlas-takeover.sock)
+
+ENVIRONMENT:
+    ATLAS_LOG                      log filter (tracing EnvFilter syntax), default \"info\"
+    ATLAS_PROXY_ADDR, ATLAS_API_ADDR   addresses of the embedded default
+";
+
+struct Args {
+    config: Option<PathBuf>,
+    check: bool,
+    takeover: bool,
+    takeover_socket: PathBuf,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    let mut args = Args { config: None, check: false, takeover: false, takeover_socket: PathBuf::from("/tmp/atlas-takeover.sock") };
+    let mut it = std::env::args_os().skip(1);
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("-h" | "--help") => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            Some("-V" | "--version") => {
+                println!("atlas {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            Some("--check" | "-t") => args.check = true,
+            Some("--takeover") => args.takeover = true,
+            Some("--takeover-socket") => {
+                args.takeover_socket = it.next().map(PathBuf::from).ok_or("--takeover-socket needs a PATH")?;
+            }
+            Some(s) if s.starts_with("--takeover-socket=") => args.takeover_socket = PathBuf::from(&s["--takeover-socket=".len()..]),
+            Some(s) if s.starts_with('-') && s.len() > 1 => return Err(format!("unknown option `{s}` (see --help)")),
+            _ => {
+                if args.config.is_some() {
+                    return Err("more than one CONFIG given (see --help)".into());
+                }
+                args.config = Some(PathBuf::from(a));
+            }
+        }
+    }
+    if args.check && args.config.is_none() {
+        return Err("--check needs a CONFIG".into());
+    }
+    Ok(Some(args))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(a)) => a,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("atlas: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let loaded = match &args.config {
+        Some(p) => atlas_config::load_file(p),
+        None => atlas_config::embedded_default(),
+    };
+    let cfg = match loaded {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("atlas: configuration has {} error(s)", errors.0.len());
+            return ExitCode::from(1);
+        }
+    };
+    if args.check {
+        let upstreams: usize = cfg.groups.iter().map(|g| g.upstreams.len()).sum();
+        println!(
+            "atlas: configuration {} is valid ({} listener(s), {} upstream(s), {} worker(s))",
+            args.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            cfg.listeners.len(),
+            upstreams,
+            cfg.workers
+        );
+        return ExitCode::SUCCESS;
+    }
+    init_logging();
+    match run(cfg, &args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cfg: atlas_config::Config, args: &Args) -> Result<(), String> {
+    if args.takeover {
+        tracing::warn!(socket = %args.takeover_socket.display(), "--takeover is not implemented in this build yet: binding fresh sockets (SO_REUSEPORT lets the old process keep serving until you stop it)");
+    }
+    if args.config.is_none() {
+        tracing::info!("no CONFIG given: running the embedded default (game gateway stub + API /health)");
+    }
+    // Block the shutdown signals before any thread exists so every thread
+    // inherits the mask and only `sigwait` below receives them.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block().map_err(|e| format!("internal: cannot block signals: {e}"))?;
+
+    let driver = atlas_runtime::choose_driver(cfg.driver)?;
+    tracing::info!(driver = driver.as_str(), requested = ?cfg.driver, workers = cfg.workers, "I/O driver chosen");
+    let bound = atlas_runtime::bind_all(&cfg)?;
+    if let Some(api) = &cfg.api {
+        let (addr, _h) = atlas_admin::start(api.addr).map_err(|e| format!("api: cannot listen on {}: {e}", api.addr))?;
+        tracing::info!(%addr, "api listening");
+    }
+    for b in &bound {
+        let l = &cfg.listeners[b.index];
+        tracing::info!(name = %l.name, addr = %b.addr, mode = l.mode.as_str(), "listening");
+    }
+    let cfg = Arc::new(cfg);
+    let _workers = atlas_runtime::start(cfg, bound, driver).map_err(|e| format!("internal: cannot start workers: {e}"))?;
+    loop {
+        match signals.wait() {
+            Ok(Signal::SIGHUP) => tracing::info!("SIGHUP: configuration reload is not implemented in this build yet"),
+            Ok(sig) => {
+                tracing::info!(signal = ?sig, "shutting down");
+                return Ok(());
+            }
+            Err(e) => return Err(format!("internal: sigwait failed: {e}")),
+        }
+    }
+}
