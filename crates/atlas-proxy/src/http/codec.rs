@@ -537,3 +537,7 @@ pub fn status_reason(status: u16) -> &'static str {
         _ => "Error",
     }
 }
+
+#[cfg(test)]
+#[path = "codec_tests.rs"]
+mod tests;
