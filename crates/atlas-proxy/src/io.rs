@@ -9,7 +9,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use monoio::buf::{IoBuf, IoBufMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
 
 /// Size of the per-connection buffers.
 pub const BUF_SIZE: usize = 16 * 1024;
@@ -111,4 +111,28 @@ pub async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(from: &mut R, to: &m
     }
     give_buf(buf);
     res
+}
+
+/// Pipes bytes both ways between `a` and `b` until both directions end,
+/// with half-close. If either direction fails, both sockets (`fds`) are shut
+/// down so the other direction ends at once instead of at its idle timeout.
+pub async fn pipe_both<A, B>(a: A, b: B, fds: [RawFd; 2], idle: Duration)
+where
+    A: AsyncReadRent + AsyncWriteRent + Split + 'static,
+    B: AsyncReadRent + AsyncWriteRent + Split + 'static,
+{
+    let (mut ar, mut aw) = a.into_split();
+    let (mut br, mut bw) = b.into_split();
+    let fail = || fds.iter().for_each(|&fd| shutdown_fd(fd));
+    let a_to_b = async {
+        if copy_half(&mut ar, &mut bw, idle).await.is_err() {
+            fail();
+        }
+    };
+    let b_to_a = async {
+        if copy_half(&mut br, &mut aw, idle).await.is_err() {
+            fail();
+        }
+    };
+    monoio::join!(a_to_b, b_to_a);
 }

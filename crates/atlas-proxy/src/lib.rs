@@ -39,3 +39,26 @@ pub struct ListenerCtx {
     pub timeouts: Timeouts,
     pub limits: Limits,
 }
+
+thread_local! {
+    static LAST_WARN: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+    static SUPPRESSED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `log` at most once per second per worker, so an outage produces a
+/// steady trickle of warnings instead of one per request. The number of
+/// warnings dropped since the last one is logged with the next.
+pub fn log_limited(log: impl FnOnce()) {
+    let now = std::time::Instant::now();
+    let due = LAST_WARN.with(|l| l.get().is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1)));
+    if due {
+        LAST_WARN.with(|l| l.set(Some(now)));
+        let dropped = SUPPRESSED.with(|s| s.replace(0));
+        if dropped > 0 {
+            tracing::warn!(dropped, "similar warnings suppressed in the last second");
+        }
+        log();
+    } else {
+        SUPPRESSED.with(|s| s.set(s.get() + 1));
+    }
+}

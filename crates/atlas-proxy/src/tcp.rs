@@ -17,7 +17,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, Split, Splitable};
 use monoio::io::as_fd::{AsReadFd, AsWriteFd};
 use monoio::net::TcpStream;
 
-use crate::io::{copy_half, shutdown_fd};
+use crate::io::{pipe_both, shutdown_fd};
 use crate::upstream::{self, InflightGuard};
 use crate::ListenerCtx;
 
@@ -55,18 +55,23 @@ async fn splice_half<R: AsReadFd, W: AsWriteFd + AsyncWriteRent>(from: &mut R, t
     }
 }
 
+/// Picks and connects an upstream for a new TCP-mode client.
+async fn connect_for(ctx: &ListenerCtx, peer: SocketAddr) -> Option<upstream::Connected> {
+    let mut excluded = 0;
+    match upstream::connect(ctx, client_hash(ctx, peer), &mut excluded, false).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            crate::log_limited(|| tracing::warn!(%peer, error = %e, "tcp: no upstream, closing client"));
+            None
+        }
+    }
+}
+
 /// Serves one TCP-mode connection on a plain socket (splice).
 pub async fn serve_plain(ctx: Rc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
     let client_fd = client.as_raw_fd();
     let Some(group) = ctx.group.clone() else { return };
-    let mut excluded = 0;
-    let c = match upstream::connect(&ctx, client_hash(&ctx, peer), &mut excluded, false).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "tcp: no upstream, closing client");
-            return;
-        }
-    };
+    let Some(c) = connect_for(&ctx, peer).await else { return };
     let _inflight = InflightGuard::new(&group, ctx.worker, c.idx);
     let up_fd = c.conn.as_raw_fd();
     let idle = ctx.timeouts.tcp_idle;
@@ -96,30 +101,8 @@ where
     S: AsyncReadRent + AsyncWriteRent + Split + 'static,
 {
     let Some(group) = ctx.group.clone() else { return };
-    let mut excluded = 0;
-    let c = match upstream::connect(&ctx, client_hash(&ctx, peer), &mut excluded, false).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "tcp: no upstream, closing client");
-            return;
-        }
-    };
+    let Some(c) = connect_for(&ctx, peer).await else { return };
     let _inflight = InflightGuard::new(&group, ctx.worker, c.idx);
     let up_fd = c.conn.as_raw_fd();
-    let idle = ctx.timeouts.tcp_idle;
-    let (mut cr, mut cw) = client.into_split();
-    let (mut ur, mut uw) = c.conn.into_split();
-    let a = async {
-        if copy_half(&mut cr, &mut uw, idle).await.is_err() {
-            shutdown_fd(client_fd);
-            shutdown_fd(up_fd);
-        }
-    };
-    let b = async {
-        if copy_half(&mut ur, &mut cw, idle).await.is_err() {
-            shutdown_fd(client_fd);
-            shutdown_fd(up_fd);
-        }
-    };
-    monoio::join!(a, b);
+    pipe_both(client, c.conn, [client_fd, up_fd], ctx.timeouts.tcp_idle).await;
 }

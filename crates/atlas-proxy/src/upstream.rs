@@ -62,11 +62,11 @@ pub async fn connect(ctx: &ListenerCtx, hash: u64, excluded: &mut u64, use_pool:
                 return Ok(Connected { idx, addr, conn, reused: false });
             }
             Ok(Err(e)) => {
-                tracing::warn!(upstream = %group.names[idx], %addr, error = %e, "upstream connect failed");
+                crate::log_limited(|| tracing::warn!(upstream = %group.names[idx], %addr, error = %e, "upstream connect failed"));
                 last = ProxyError::io(Side::Upstream, true, "connect failed", e);
             }
             Err(_) => {
-                tracing::warn!(upstream = %group.names[idx], %addr, "upstream connect timed out");
+                crate::log_limited(|| tracing::warn!(upstream = %group.names[idx], %addr, "upstream connect timed out"));
                 last = ProxyError::new(Side::Upstream, true, "connect timed out");
             }
         }

@@ -13,14 +13,14 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRent, Split, Splitable};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
 use monoio::net::TcpStream;
 use monoio::time::{timeout, timeout_at, Instant};
 
 use super::chunked::ChunkedScanner;
 use super::codec::{self, BodyKind, RequestInfo, ResponseCtx, RewriteCtx};
 use crate::error::{ProxyError, Side};
-use crate::io::{copy_half, give_buf, read_more, shutdown_fd, take_buf, write_range, write_vec, BUF_SIZE};
+use crate::io::{give_buf, pipe_both, read_more, take_buf, write_range, write_vec, BUF_SIZE};
 use crate::upstream::{self, InflightGuard};
 use crate::ListenerCtx;
 
@@ -172,31 +172,29 @@ async fn stream_request_body<S: AsyncReadRent>(ctx: &ListenerCtx, client: &mut S
     }
 }
 
-/// Reads the upstream's response head into `ubuf`.
-async fn read_response_head(ctx: &ListenerCtx, up: &mut TcpStream, b: &mut Bufs) -> Result<(), ProxyError> {
+/// Waits for the first bytes of the upstream's response. Failing here,
+/// with nothing received, is what makes a replayable request safe to retry.
+async fn first_response_bytes(ctx: &ListenerCtx, up: &mut TcpStream, b: &mut Bufs) -> Result<Instant, ProxyError> {
     let deadline = Instant::now() + ctx.timeouts.upstream_response;
-    loop {
-        match timeout_at(deadline, read_more(up, &mut b.ubuf, MAX_RESPONSE_HEAD + BUF_SIZE)).await {
-            Ok(Ok(n)) if n > 0 => {
-                if httparse_complete(&b.ubuf) {
-                    return Ok(());
-                }
-                if b.ubuf.len() > MAX_RESPONSE_HEAD {
-                    return Err(ProxyError::new(Side::Upstream, false, "response head too large"));
-                }
-            }
-            Ok(Ok(_)) => return Err(ProxyError::new(Side::Upstream, b.ubuf.is_empty(), "upstream closed before responding")),
-            Ok(Err(e)) => return Err(ProxyError::io(Side::Upstream, b.ubuf.is_empty(), "upstream read failed", e)),
-            Err(_) => return Err(ProxyError::new(Side::Upstream, false, "upstream response timed out")),
-        }
+    match timeout_at(deadline, read_more(up, &mut b.ubuf, MAX_RESPONSE_HEAD + BUF_SIZE)).await {
+        Ok(Ok(n)) if n > 0 => Ok(deadline),
+        Ok(Ok(_)) => Err(ProxyError::new(Side::Upstream, true, "upstream closed before responding")),
+        Ok(Err(e)) => Err(ProxyError::io(Side::Upstream, true, "upstream read failed", e)),
+        Err(_) => Err(ProxyError::new(Side::Upstream, false, "upstream response timed out")),
     }
 }
 
-/// True once `buf` holds a whole head (or something that cannot become one,
-/// which the real parse then reports).
-fn httparse_complete(buf: &[u8]) -> bool {
-    let mut h = [httparse::EMPTY_HEADER; 128];
-    !matches!(httparse::Response::new(&mut h).parse(buf), Ok(httparse::Status::Partial))
+/// Reads more of a response head that is not complete yet.
+async fn more_response_head(up: &mut TcpStream, b: &mut Bufs, deadline: Instant) -> Result<(), ProxyError> {
+    if b.ubuf.len() > MAX_RESPONSE_HEAD {
+        return Err(ProxyError::new(Side::Upstream, false, "response head too large"));
+    }
+    match timeout_at(deadline, read_more(up, &mut b.ubuf, MAX_RESPONSE_HEAD + BUF_SIZE)).await {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Ok(Ok(_)) => Err(ProxyError::new(Side::Upstream, false, "upstream closed inside the response head")),
+        Ok(Err(e)) => Err(ProxyError::io(Side::Upstream, false, "upstream read failed", e)),
+        Err(_) => Err(ProxyError::new(Side::Upstream, false, "upstream response timed out")),
+    }
 }
 
 /// One request/response exchange on a client connection.
@@ -251,11 +249,11 @@ where
         };
         b.ubuf.clear();
         let result = match sent {
-            Ok(()) => read_response_head(ctx, &mut c.conn, b).await,
+            Ok(()) => first_response_bytes(ctx, &mut c.conn, b).await,
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => return respond(ctx, client, c, b, &info).await,
+            Ok(deadline) => return respond(ctx, client, c, b, &info, deadline).await,
             Err(e) if e.side == Side::Upstream && e.retry_safe && replayable && c.reused && tries < 3 => {
                 // A pooled connection the upstream had closed: once more, fresh.
                 tracing::debug!(error = %e, "stale pooled connection, retrying on a fresh one");
@@ -264,7 +262,7 @@ where
                 continue;
             }
             Err(e) => {
-                tracing::warn!(%peer, upstream = %group.names[c.idx], error = %e, "request failed");
+                crate::log_limited(|| tracing::warn!(%peer, upstream = %group.names[c.idx], error = %e, "request failed"));
                 if e.side == Side::Client {
                     return Step::Close;
                 }
@@ -277,7 +275,7 @@ where
 }
 
 /// Sends the response whose head is in `ubuf` to the client, then the body.
-async fn respond<S>(ctx: &ListenerCtx, client: &mut S, mut c: upstream::Connected, b: &mut Bufs, req: &RequestInfo) -> Step
+async fn respond<S>(ctx: &ListenerCtx, client: &mut S, mut c: upstream::Connected, b: &mut Bufs, req: &RequestInfo, deadline: Instant) -> Step
 where
     S: AsyncReadRent + AsyncWriteRent,
 {
@@ -292,17 +290,22 @@ where
                     return Step::Close;
                 }
                 b.ubuf.drain(..res.head_len);
-                if !httparse_complete(&b.ubuf) || b.ubuf.is_empty() {
-                    if let Err(e) = read_response_head(ctx, &mut c.conn, b).await {
-                        tracing::warn!(error = %e, "after interim response");
+                if b.ubuf.is_empty() {
+                    if let Err(e) = more_response_head(&mut c.conn, b, deadline).await {
+                        tracing::debug!(error = %e, "after an interim response");
                         return Step::Close;
                     }
                 }
             }
             Ok(Some(x)) => break x,
-            Ok(None) => return reply(client, b, 502, "upstream response head incomplete", false).await,
+            Ok(None) => {
+                if let Err(e) = more_response_head(&mut c.conn, b, deadline).await {
+                    crate::log_limited(|| tracing::warn!(upstream = %c.addr, error = %e, "response head failed"));
+                    return reply(client, b, e.status(), "upstream failed", false).await;
+                }
+            }
             Err(why) => {
-                tracing::warn!(why, "malformed upstream response");
+                crate::log_limited(|| tracing::warn!(upstream = %c.addr, why, "malformed upstream response"));
                 return reply(client, b, 502, "invalid upstream response", false).await;
             }
         }
@@ -432,20 +435,5 @@ where
     if !early_ok {
         return;
     }
-    let idle = ctx.timeouts.tcp_idle;
-    let (mut cr, mut cw) = client.into_split();
-    let (mut ur, mut uw) = up.into_split();
-    let to_up = async {
-        if copy_half(&mut cr, &mut uw, idle).await.is_err() {
-            shutdown_fd(client_fd);
-            shutdown_fd(up_fd);
-        }
-    };
-    let to_client = async {
-        if copy_half(&mut ur, &mut cw, idle).await.is_err() {
-            shutdown_fd(client_fd);
-            shutdown_fd(up_fd);
-        }
-    };
-    monoio::join!(to_up, to_client);
+    pipe_both(client, up, [client_fd, up_fd], ctx.timeouts.tcp_idle).await;
 }
