@@ -75,7 +75,8 @@ async fn serve(mut s: TcpStream) {
             let mut req = httparse::Request::new(&mut h);
             match req.parse(&buf) {
                 Ok(httparse::Status::Complete(n)) => {
-                    let keep = req.version == Some(1) && !req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close"));
+                    let keep = req.version == Some(1)
+                        && !req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close"));
                     let (status, reason, body) = route(req.method.unwrap_or(""), req.path.unwrap_or(""));
                     break Some((n, response(status, reason, &body, keep), keep));
                 }

@@ -141,7 +141,7 @@ fn exclude_picks_another() {
 fn hash64_is_frozen() {
     const FROZEN: u64 = 0x440a_50ce_fea4_ffd6;
     // Several Atlas instances must agree: this value may never change.
-    
+
     assert_ne!(hash64(b"10.0.0.1"), hash64(b"10.0.0.2"));
     assert_eq!(hash64(b"atlas"), FROZEN);
 }

@@ -245,9 +245,8 @@ pub struct Config {
 /// Loads and validates a configuration file.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError { file: name.clone(), line: 0, column: 0, key: "(file)".into(), message: format!("cannot read: {e}") }])
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigErrors(vec![ConfigError { file: name.clone(), line: 0, column: 0, key: "(file)".into(), message: format!("cannot read: {e}") }]))?;
     let mut cfg = load_str(&text, &name)?;
     cfg.source = Some(path.to_path_buf());
     Ok(cfg)
@@ -271,9 +270,7 @@ pub fn load_str(text: &str, name: &str) -> Result<Config, ConfigErrors> {
 pub fn embedded_default() -> Result<Config, ConfigErrors> {
     let proxy = std::env::var("ATLAS_PROXY_ADDR").unwrap_or_else(|_| "0.0.0.0:9000".into());
     let api = std::env::var("ATLAS_API_ADDR").unwrap_or_else(|_| "127.0.0.1:9001".into());
-    let text = format!(
-        "[listen]\nname = \"game\"\naddress = {proxy:?}\nmode = \"game\"\n\n[api]\naddress = {api:?}\n",
-    );
+    let text = format!("[listen]\nname = \"game\"\naddress = {proxy:?}\nmode = \"game\"\n\n[api]\naddress = {api:?}\n",);
     load_str(&text, "(embedded default; ATLAS_PROXY_ADDR / ATLAS_API_ADDR)")
 }
 

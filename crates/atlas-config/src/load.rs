@@ -35,13 +35,7 @@ impl<'a> Diag<'a> {
             Some(s) => line_col(self.text, s.start),
             None => (0, 0),
         };
-        self.errors.push(ConfigError {
-            file: self.file.to_string(),
-            line,
-            column,
-            key: key.into(),
-            message: message.into(),
-        });
+        self.errors.push(ConfigError { file: self.file.to_string(), line, column, key: key.into(), message: message.into() });
     }
 
     pub fn at<T>(&mut self, v: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
@@ -148,11 +142,7 @@ pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
             "timeouts" => raw.timeouts = section(diag, root, key, v).unwrap_or_default(),
             "limits" => raw.limits = section(diag, root, key, v).unwrap_or_default(),
             "pool" => raw.pool = section(diag, root, key, v).unwrap_or_default(),
-            other => diag.push(
-                Some(k.span()),
-                other,
-                format!("unknown section `{other}`, expected one of: {}", SECTIONS.join(", ")),
-            ),
+            other => diag.push(Some(k.span()), other, format!("unknown section `{other}`, expected one of: {}", SECTIONS.join(", "))),
         }
     }
     raw

@@ -188,7 +188,17 @@ fn syntax_error_has_position() {
 
 #[test]
 fn garbage_never_panics() {
-    for text in ["", "=", "[[listen]]\n", "listen = 5", "[listen]\nport = 1e99", "[[upstreams]]\n", "upstreams = [1,2]", "[listen]\nworkers = 0\nport=1\nmode=\"game\"", "\u{0}\u{1}"] {
+    for text in [
+        "",
+        "=",
+        "[[listen]]\n",
+        "listen = 5",
+        "[listen]\nport = 1e99",
+        "[[upstreams]]\n",
+        "upstreams = [1,2]",
+        "[listen]\nworkers = 0\nport=1\nmode=\"game\"",
+        "\u{0}\u{1}",
+    ] {
         let _ = load_str(text, "t");
     }
 }

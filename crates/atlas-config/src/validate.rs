@@ -151,11 +151,7 @@ fn listener(diag: &mut Diag<'_>, raw: &Spanned<RawListener>, key: &str, index: u
         return None;
     }
     let group_name = r.group.clone().unwrap_or_else(|| Spanned::new(raw.span(), "default".to_string()));
-    Some(ListenerDraft {
-        listener: Listener { name, addr: addr?, mode, tls, group: None, strategy, hash_key, backlog },
-        group_name,
-        key: key.to_string(),
-    })
+    Some(ListenerDraft { listener: Listener { name, addr: addr?, mode, tls, group: None, strategy, hash_key, backlog }, group_name, key: key.to_string() })
 }
 
 fn upstream(diag: &mut Diag<'_>, raw: &Spanned<RawUpstream>, key: &str) -> Option<(String, Upstream)> {
@@ -236,12 +232,8 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
     // Listeners: [listen] first, then [[listeners]].
     let mut drafts = Vec::new();
     let mut worker_hint: Option<Spanned<i64>> = None;
-    let all: Vec<(&Spanned<RawListener>, String)> = raw
-        .listen
-        .iter()
-        .map(|l| (l, "listen".to_string()))
-        .chain(raw.listeners.iter().enumerate().map(|(i, l)| (l, format!("listeners[{i}]"))))
-        .collect();
+    let all: Vec<(&Spanned<RawListener>, String)> =
+        raw.listen.iter().map(|l| (l, "listen".to_string())).chain(raw.listeners.iter().enumerate().map(|(i, l)| (l, format!("listeners[{i}]")))).collect();
     if all.is_empty() && !diag.failed.iter().any(|f| f == "listen" || f == "listeners") {
         diag.push(None, "listen", "no listener: add a [listen] table or [[listeners]] entries");
     }
@@ -249,7 +241,11 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
         if let Some(w) = &l.get_ref().workers {
             match &worker_hint {
                 Some(prev) if prev.get_ref() != w.get_ref() => {
-                    diag.at(w, format!("{key}.workers"), format!("differs from the {} set earlier: worker threads are shared by all listeners; set [runtime] workers", prev.get_ref()));
+                    diag.at(
+                        w,
+                        format!("{key}.workers"),
+                        format!("differs from the {} set earlier: worker threads are shared by all listeners; set [runtime] workers", prev.get_ref()),
+                    );
                 }
                 _ => worker_hint = Some(w.clone()),
             }
@@ -324,11 +320,7 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
                 }
             },
         }?;
-        Some(Api {
-            addr,
-            allow: r.allow.iter().flatten().map(|s| s.get_ref().clone()).collect(),
-            token: r.token.as_ref().map(|t| t.get_ref().clone()),
-        })
+        Some(Api { addr, allow: r.allow.iter().flatten().map(|s| s.get_ref().clone()).collect(), token: r.token.as_ref().map(|t| t.get_ref().clone()) })
     });
 
     let t = &raw.timeouts;
@@ -349,7 +341,8 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
     };
     let dp = Pool::default();
     let pool = Pool {
-        max_idle_per_upstream: int_in(diag, &raw.pool.max_idle_per_upstream, "pool.max_idle_per_upstream", 0, 100_000, dp.max_idle_per_upstream as i64) as usize,
+        max_idle_per_upstream: int_in(diag, &raw.pool.max_idle_per_upstream, "pool.max_idle_per_upstream", 0, 100_000, dp.max_idle_per_upstream as i64)
+            as usize,
         idle_timeout: duration(diag, &raw.pool.idle_timeout, "pool.idle_timeout", dp.idle_timeout),
     };
 

@@ -12,9 +12,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use atlas_balance::hash64;
+use monoio::io::as_fd::{AsReadFd, AsWriteFd};
 use monoio::io::splice::{SpliceDestination, SpliceSource};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Split, Splitable};
-use monoio::io::as_fd::{AsReadFd, AsWriteFd};
 use monoio::net::TcpStream;
 
 use crate::io::{pipe_both, shutdown_fd};

@@ -42,11 +42,9 @@ pub fn start(cfg: Arc<Config>, bound: Vec<BoundListener>, driver: ChosenDriver) 
         let h = std::thread::Builder::new().name(format!("atlas-worker-{w}")).spawn(move || {
             let body = worker_main(w, cfg.clone(), groups, sockets);
             let res = match driver {
-                ChosenDriver::IoUring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                    .with_entries(cfg.ring_entries)
-                    .enable_timer()
-                    .build()
-                    .map(|mut rt| rt.block_on(body)),
+                ChosenDriver::IoUring => {
+                    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(cfg.ring_entries).enable_timer().build().map(|mut rt| rt.block_on(body))
+                }
                 ChosenDriver::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().map(|mut rt| rt.block_on(body)),
             };
             if let Err(e) = res {

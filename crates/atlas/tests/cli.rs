@@ -119,10 +119,7 @@ fn check_reports_http_listener_without_upstreams() {
     let text = "[listen]\naddress = \"127.0.0.1\"\nport = 0\nmode = \"http\"\n";
     let (code, d, err) = check(text);
     assert_eq!(code, Some(1), "{err}");
-    assert!(
-        d.iter().any(|e| e.key.starts_with("listen") && e.message.contains("upstream")),
-        "no located error about the missing upstreams:\n{err}"
-    );
+    assert!(d.iter().any(|e| e.key.starts_with("listen") && e.message.contains("upstream")), "no located error about the missing upstreams:\n{err}");
 }
 
 #[test]

@@ -289,13 +289,7 @@ fn large_chunked_response_is_streamed_intact() {
 
 #[test]
 fn head_response_has_no_body_even_with_content_length() {
-    let be = Backend::http(|r| {
-        if r.method == "HEAD" {
-            Reply::raw("HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
-        } else {
-            Reply::ok("second")
-        }
-    });
+    let be = Backend::http(|r| if r.method == "HEAD" { Reply::raw("HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n") } else { Reply::ok("second") });
     let atlas = Atlas::start(&http_config(&[be.addr], ""));
     let mut c = Client::connect(atlas.addr());
     c.send("HEAD /h HTTP/1.1\r\nHost: h\r\n\r\n");
@@ -483,11 +477,7 @@ fn pipelined_requests_are_answered_in_order() {
     });
     let atlas = Atlas::start(&http_config(&[be.addr], ""));
     let mut c = Client::connect(atlas.addr());
-    c.send(format!(
-        "{}POST /two HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nxyz{}",
-        get_req("/one"),
-        get_req("/three")
-    ));
+    c.send(format!("{}POST /two HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nxyz{}", get_req("/one"), get_req("/three")));
     let bodies: Vec<String> = (0..3).map(|_| c.read_response().text()).collect();
     assert_eq!(bodies, vec!["/one:", "/two:xyz", "/three:"]);
     let r = c.get("/four");

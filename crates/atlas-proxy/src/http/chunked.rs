@@ -41,9 +41,15 @@ const MAX_TRAILERS: usize = 16 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Reading hex digits of a chunk size; `digits` so far.
-    Size { digits: u8 },
+    Size {
+        digits: u8,
+    },
     /// After the size: extensions until CR.
-    Ext { len: usize, quoted: bool, escape: bool },
+    Ext {
+        len: usize,
+        quoted: bool,
+        escape: bool,
+    },
     /// Expecting LF after the size line's CR.
     SizeLf,
     Data,
@@ -52,7 +58,9 @@ enum State {
     /// Start of a trailer line (or the final CRLF).
     TrailerStart,
     TrailerLine,
-    TrailerLf { end: bool },
+    TrailerLf {
+        end: bool,
+    },
     Done,
 }
 
@@ -243,17 +251,17 @@ mod tests {
     #[test]
     fn rejects_smuggling_shapes() {
         for bad in [
-            &b"g\r\n"[..],                          // not hex
-            b"\r\n",                                 // empty size
-            b"5\nhello\r\n",                         // bare LF after size
-            b"5\r\nhello\n0\r\n\r\n",                // bare LF after data
-            b"5\r\nhelloX\r\n",                      // data longer than size
-            b"11111111111111111\r\n",                // 17 hex digits
-            b"ffffffffffffffff0\r\n",                // overflow
-            b"-1\r\n",                               // sign
-            b"0x5\r\n",                              // prefix
-            b"5;a\0b\r\n",                           // NUL in extension
-            b"0\r\nX: y\n\r\n",                      // bare LF in trailer
+            &b"g\r\n"[..],            // not hex
+            b"\r\n",                  // empty size
+            b"5\nhello\r\n",          // bare LF after size
+            b"5\r\nhello\n0\r\n\r\n", // bare LF after data
+            b"5\r\nhelloX\r\n",       // data longer than size
+            b"11111111111111111\r\n", // 17 hex digits
+            b"ffffffffffffffff0\r\n", // overflow
+            b"-1\r\n",                // sign
+            b"0x5\r\n",               // prefix
+            b"5;a\0b\r\n",            // NUL in extension
+            b"0\r\nX: y\n\r\n",       // bare LF in trailer
         ] {
             assert!(scan_all(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }

@@ -372,17 +372,7 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> R
         }
     };
     let idempotent = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE");
-    Ok(Some(RequestInfo {
-        head_len,
-        body,
-        http11,
-        keep_alive,
-        is_head: method == "HEAD",
-        idempotent,
-        upgrade,
-        expect_continue,
-        hash,
-    }))
+    Ok(Some(RequestInfo { head_len, body, http11, keep_alive, is_head: method == "HEAD", idempotent, upgrade, expect_continue, hash }))
 }
 
 fn itoa_u64(n: u64) -> String {

@@ -218,7 +218,12 @@ fn chunked_response_to_http10_client_is_dechunked_and_closed() {
 
 #[test]
 fn bad_responses_are_errors() {
-    for raw in ["HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "HTTZ/1.1 200 OK\r\n\r\n", "HTTP/1.1 20 OK\r\n\r\n"] {
+    for raw in [
+        "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+        "HTTZ/1.1 200 OK\r\n\r\n",
+        "HTTP/1.1 20 OK\r\n\r\n",
+    ] {
         let mut out = Vec::new();
         assert!(rewrite_response(raw.as_bytes(), &mut out, &C11).is_err(), "{raw:?}");
     }

@@ -135,7 +135,13 @@ fn take_initial_body(info: &RequestInfo, b: &mut Bufs) -> Result<BodyLeft, &'sta
 }
 
 /// Streams the rest of a request body from client to upstream.
-async fn stream_request_body<S: AsyncReadRent>(ctx: &ListenerCtx, client: &mut S, up: &mut TcpStream, b: &mut Bufs, mut left: BodyLeft) -> Result<(), ProxyError> {
+async fn stream_request_body<S: AsyncReadRent>(
+    ctx: &ListenerCtx,
+    client: &mut S,
+    up: &mut TcpStream,
+    b: &mut Bufs,
+    mut left: BodyLeft,
+) -> Result<(), ProxyError> {
     loop {
         let need = match &left {
             BodyLeft::Done => return Ok(()),

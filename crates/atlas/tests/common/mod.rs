@@ -143,10 +143,7 @@ pub fn upstreams_toml(ups: &[(SocketAddr, u32)], group: Option<&str>) -> String 
 /// One listener on 127.0.0.1:0 in `mode`, one worker, weighted upstreams,
 /// then `extra` (more sections such as `[routing]` or `[timeouts]`).
 pub fn config_weighted(mode: &str, ups: &[(SocketAddr, u32)], extra: &str) -> String {
-    format!(
-        "[listen]\naddress = \"127.0.0.1\"\nport = 0\nmode = \"{mode}\"\nworkers = 1\n\n{}{extra}\n",
-        upstreams_toml(ups, None)
-    )
+    format!("[listen]\naddress = \"127.0.0.1\"\nport = 0\nmode = \"{mode}\"\nworkers = 1\n\n{}{extra}\n", upstreams_toml(ups, None))
 }
 
 /// An HTTP listener over `ups` (weight 1 each) plus `extra` sections.
@@ -756,7 +753,8 @@ impl Client {
         let (start, headers) = parse_head(&head);
         let mut parts = start.splitn(3, ' ');
         let version = parts.next().unwrap_or("").to_string();
-        let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| io::Error::new(ErrorKind::InvalidData, format!("bad status line {start:?}")))?;
+        let status: u16 =
+            parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| io::Error::new(ErrorKind::InvalidData, format!("bad status line {start:?}")))?;
         let reason = parts.next().unwrap_or("").to_string();
         let te = header_lookup(&headers, "transfer-encoding").join(",").to_ascii_lowercase();
         let cl = header_lookup(&headers, "content-length").first().and_then(|v| v.trim().parse::<usize>().ok());
@@ -780,10 +778,7 @@ impl Client {
         } else if let Some(n) = cl {
             while self.buf.len() < head_end + n {
                 if self.fill()? == 0 {
-                    return Err(io::Error::new(
-                        ErrorKind::UnexpectedEof,
-                        format!("connection closed after {} of {n} body bytes", self.buf.len() - head_end),
-                    ));
+                    return Err(io::Error::new(ErrorKind::UnexpectedEof, format!("connection closed after {} of {n} body bytes", self.buf.len() - head_end)));
                 }
             }
             (self.buf[head_end..head_end + n].to_vec(), n)
