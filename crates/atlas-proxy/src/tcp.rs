@@ -70,9 +70,11 @@ async fn connect_for(ctx: &ListenerCtx, peer: SocketAddr) -> Option<upstream::Co
 /// Serves one TCP-mode connection on a plain socket (splice).
 pub async fn serve_plain(ctx: Rc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
     let client_fd = client.as_raw_fd();
-    let Some(group) = ctx.group.clone() else { return };
+    // Borrowed, not cloned: an Arc clone per connection would bounce the
+    // shared refcount's cache line between workers.
+    let Some(group) = ctx.group.as_deref() else { return };
     let Some(c) = connect_for(&ctx, peer).await else { return };
-    let _inflight = InflightGuard::new(&group, ctx.worker, c.idx);
+    let _inflight = InflightGuard::new(group, ctx.worker, c.idx);
     let up_fd = c.conn.as_raw_fd();
     let idle = ctx.timeouts.tcp_idle;
     let (mut cr, mut cw) = client.into_split();
@@ -100,9 +102,11 @@ pub async fn serve_stream<S>(ctx: Rc<ListenerCtx>, client: S, peer: SocketAddr, 
 where
     S: AsyncReadRent + AsyncWriteRent + Split + 'static,
 {
-    let Some(group) = ctx.group.clone() else { return };
+    // Borrowed, not cloned: an Arc clone per connection would bounce the
+    // shared refcount's cache line between workers.
+    let Some(group) = ctx.group.as_deref() else { return };
     let Some(c) = connect_for(&ctx, peer).await else { return };
-    let _inflight = InflightGuard::new(&group, ctx.worker, c.idx);
+    let _inflight = InflightGuard::new(group, ctx.worker, c.idx);
     let up_fd = c.conn.as_raw_fd();
     pipe_both(client, c.conn, [client_fd, up_fd], ctx.timeouts.tcp_idle).await;
 }
