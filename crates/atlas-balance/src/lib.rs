@@ -191,11 +191,17 @@ impl Picker {
                         best = i;
                     }
                 }
+                if best == usize::MAX {
+                    return None;
+                }
                 self.current[best] -= self.total_weight;
                 best
             }
             Strategy::Random if self.equal_weights => self.rng.usize(..n),
             Strategy::Random => {
+                if self.total_weight <= 0 {
+                    return None;
+                }
                 let mut r = self.rng.i64(0..self.total_weight);
                 let mut chosen = n - 1;
                 for i in 0..n {

@@ -220,7 +220,9 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> R
     // Absolute-form target: the authority replaces Host (RFC 9112 §3.2.2).
     let mut authority: Option<&str> = None;
     for scheme in ["http://", "https://"] {
-        if target.len() > scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme) {
+        let matches = target.as_bytes().get(..scheme.len()).is_some_and(|p| p.eq_ignore_ascii_case(scheme.as_bytes()));
+        if matches && target.len() > scheme.len() {
+            // The prefix is ASCII, so this index is a char boundary.
             let rest = &target[scheme.len()..];
             let end = rest.find(['/', '?']).unwrap_or(rest.len());
             if end == 0 || rest[..end].contains('@') {

@@ -238,3 +238,49 @@ fn switching_protocols_keeps_upgrade_headers() {
     assert!(out.contains("Connection: upgrade\r\nUpgrade: websocket\r\n"), "{out}");
     assert!(out.contains("Sec-WebSocket-Accept: x"));
 }
+
+/// Deterministic mutation smoke test: whatever bytes arrive, the parsers
+/// return a verdict and never panic (the cargo-fuzz targets of the
+/// hardening issue go further).
+#[test]
+fn mutated_heads_and_chunks_never_panic() {
+    let seeds: [&[u8]; 4] = [
+        b"POST http://h:1/p?q HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: x-a, close\r\nX-A: 1\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n5;e=\"q\"\r\nhello\r\n0\r\nT: v\r\n\r\n",
+        b"GET / HTTP/1.0\r\nContent-Length: 3\r\nExpect: 100-continue\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n1\r\na\r\n0\r\n\r\n",
+        b"HTTP/1.0 101 Switching\r\nContent-Length: 7\r\nContent-Length: 7\r\nKeep-Alive: 1\r\n\r\n",
+    ];
+    let key = HashKey::Header("x-a".into());
+    let mut rng = fastrand::Rng::with_seed(0xa71a5);
+    let mut out = Vec::new();
+    for round in 0..20_000 {
+        let mut input = seeds[round % seeds.len()].to_vec();
+        for _ in 0..rng.usize(1..6) {
+            let i = rng.usize(..input.len());
+            match rng.u8(..4) {
+                0 => input[i] = rng.u8(..),
+                1 => {
+                    input.remove(i);
+                }
+                2 => input.insert(i, *rng.choice(b"\r\n:; ,\t\0\x80-0fF".iter()).unwrap()),
+                _ => input.truncate(i),
+            }
+            if input.is_empty() {
+                input.push(b'G');
+            }
+        }
+        out.clear();
+        let c = RewriteCtx { hash_key: Some(&key), max_headers: rng.usize(1..200), ..ctx() };
+        if let Ok(Some(info)) = rewrite_request(&input, &mut out, &c) {
+            assert!(info.head_len <= input.len());
+            let mut sc = crate::http::chunked::ChunkedScanner::new();
+            let _ = sc.scan(&input[info.head_len..], |r| assert!(r.end <= input.len() - info.head_len));
+        }
+        for rctx in [C11, ResponseCtx { client_http11: false, request_is_head: true, request_upgrade: true, ..C11 }] {
+            out.clear();
+            if let Ok(Some((info, _))) = rewrite_response(&input, &mut out, &rctx) {
+                assert!(info.head_len <= input.len());
+            }
+        }
+    }
+}
