@@ -224,10 +224,7 @@ fn mutated_configs_never_panic() {
     let base = format!("{SEED}\n[timeouts]\nconnect = \"5s\"\n[limits]\nmax_headers = 10\n[[listeners]]\nport = 1\nmode = \"tcp\"\ngroup = \"default\"\n");
     // Host names would be resolved (DNS): leave the address lines alone.
     let protected = |b: &[u8]| -> Vec<std::ops::Range<usize>> {
-        (0..b.len())
-            .filter(|&i| b[i..].starts_with(b"address"))
-            .map(|i| i..b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |p| i + p))
-            .collect()
+        (0..b.len()).filter(|&i| b[i..].starts_with(b"address")).map(|i| i..b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |p| i + p)).collect()
     };
     for _ in 0..3000 {
         let mut b = base.clone().into_bytes();

@@ -267,11 +267,12 @@ where
                 left = Some(BodyLeft::Done);
                 continue;
             }
+            Err(e) if e.side == Side::Client => {
+                tracing::debug!(%peer, error = %e, "client failed during the request");
+                return Step::Close;
+            }
             Err(e) => {
                 crate::log_limited(|| tracing::warn!(%peer, upstream = %group.names[c.idx], error = %e, "request failed"));
-                if e.side == Side::Client {
-                    return Step::Close;
-                }
                 let keep = info.keep_alive && replayable;
                 let msg = if e.status() == 504 { "upstream timed out" } else { "upstream failed" };
                 return reply(client, b, e.status(), msg, keep).await;
