@@ -14,6 +14,7 @@ fn group(weights: &[u32]) -> GroupShared {
             port: 1000 + i as u16,
             addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
             weight: w,
+            tls: None,
         })
         .collect();
     GroupShared::new(&Group { name: "g".into(), upstreams }, 2)

@@ -61,7 +61,7 @@ pub enum Mode {
     Http,
     /// Layer-4 passthrough.
     Tcp,
-    /// Static files (not in this build yet; rejected by validation).
+    /// Static files from a root directory.
     Static,
     /// WebSocket game gateway (a stub until the game gateway lands).
     Game,
@@ -123,10 +123,76 @@ pub enum Driver {
     Epoll,
 }
 
+/// One certificate chain and its key, as PEM files.
 #[derive(Debug, Clone)]
-pub struct TlsFiles {
+pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// SNI names it serves; empty for a listener's default certificate.
+    pub names: Vec<String>,
+    /// Where it was configured (`file:line:column: key`), for error messages.
+    pub origin: String,
+}
+
+/// TLS termination on a listener: a default certificate and SNI ones.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub default: CertFiles,
+    pub sni: Vec<CertFiles>,
+}
+
+impl TlsListener {
+    pub fn all(&self) -> impl Iterator<Item = &CertFiles> {
+        std::iter::once(&self.default).chain(self.sni.iter())
+    }
+}
+
+/// Where a `[[routes]]` prefix sends requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteTarget {
+    Static { root: PathBuf, strip_prefix: bool },
+    /// Index into [`Config::groups`].
+    Group(usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub prefix: String,
+    pub target: RouteTarget,
+}
+
+/// `[static_files]` settings shared by every static root.
+#[derive(Debug, Clone)]
+pub struct StaticSettings {
+    pub index: String,
+    /// Follow symlinks that point outside the root (off: 404).
+    pub allow_symlinks_outside: bool,
+    /// Per-worker in-memory cache: total bytes and largest cached file.
+    pub cache_max_bytes: usize,
+    pub cache_max_file_bytes: usize,
+    /// How long a cached file is trusted before its mtime/size is checked.
+    pub revalidate: Duration,
+}
+
+impl Default for StaticSettings {
+    fn default() -> Self {
+        StaticSettings {
+            index: "index.html".into(),
+            allow_symlinks_outside: false,
+            cache_max_bytes: 64 << 20,
+            cache_max_file_bytes: 1 << 20,
+            revalidate: Duration::from_secs(1),
+        }
+    }
+}
+
+/// TLS towards an upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// CA bundle (PEM); `None`: the bundled Mozilla roots.
+    pub ca: Option<PathBuf>,
+    /// SNI name and the name its certificate must carry.
+    pub sni: String,
 }
 
 #[derive(Debug, Clone)]
@@ -134,12 +200,16 @@ pub struct Listener {
     pub name: String,
     pub addr: SocketAddr,
     pub mode: Mode,
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<TlsListener>,
     /// Index into [`Config::groups`]; `None` for modes that need no upstreams.
     pub group: Option<usize>,
     pub strategy: Strategy,
     pub hash_key: HashKey,
     pub backlog: u32,
+    /// Static root of a `static` listener (canonical path).
+    pub static_root: Option<PathBuf>,
+    /// Prefix routes, longest first.
+    pub routes: Vec<Route>,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +221,7 @@ pub struct Upstream {
     /// Resolved when the configuration was loaded.
     pub addr: SocketAddr,
     pub weight: u32,
+    pub tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -236,6 +307,7 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     pub groups: Vec<Group>,
     pub static_root: Option<PathBuf>,
+    pub static_files: StaticSettings,
     pub api: Option<Api>,
     pub timeouts: Timeouts,
     pub limits: Limits,

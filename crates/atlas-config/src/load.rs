@@ -38,6 +38,12 @@ impl<'a> Diag<'a> {
         self.errors.push(ConfigError { file: self.file.to_string(), line, column, key: key.into(), message: message.into() });
     }
 
+    /// `file:line:column: key`, for errors found later (e.g. at TLS set-up).
+    pub fn origin<T>(&self, v: &Spanned<T>, key: &str) -> String {
+        let (line, column) = line_col(self.text, v.span().start);
+        format!("{}:{line}:{column}: {key}", self.file)
+    }
+
     pub fn at<T>(&mut self, v: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
         self.push(Some(v.span()), key, message)
     }
@@ -120,7 +126,7 @@ fn table_array<T: DeserializeOwned>(diag: &mut Diag<'_>, root: &DeTable<'_>, key
     out
 }
 
-const SECTIONS: &[&str] = &["listen", "listeners", "upstreams", "routing", "static_files", "runtime", "api", "timeouts", "limits", "pool"];
+const SECTIONS: &[&str] = &["listen", "listeners", "upstreams", "routing", "static_files", "runtime", "api", "timeouts", "limits", "pool", "routes"];
 
 pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
     let (doc, errors) = DeTable::parse_recoverable(diag.text);
@@ -142,6 +148,7 @@ pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
             "timeouts" => raw.timeouts = section(diag, root, key, v).unwrap_or_default(),
             "limits" => raw.limits = section(diag, root, key, v).unwrap_or_default(),
             "pool" => raw.pool = section(diag, root, key, v).unwrap_or_default(),
+            "routes" => raw.routes = table_array(diag, root, key, v),
             other => diag.push(Some(k.span()), other, format!("unknown section `{other}`, expected one of: {}", SECTIONS.join(", "))),
         }
     }

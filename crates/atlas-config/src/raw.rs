@@ -25,11 +25,25 @@ pub struct RawListener {
     /// Overrides `[routing] hash_key` for this listener.
     pub hash_key: Option<Spanned<String>>,
     pub backlog: Option<Spanned<i64>>,
+    /// Static root for this listener (overrides `[static_files] root`).
+    pub root: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    /// More certificates, chosen by the SNI name the client sends.
+    #[serde(default)]
+    pub sni: Vec<Spanned<RawSniCert>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSniCert {
+    /// Host names (exact, or `*.example.com`) this certificate serves.
+    pub names: Vec<Spanned<String>>,
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
 }
@@ -42,6 +56,12 @@ pub struct RawUpstream {
     pub port: Option<Spanned<i64>>,
     pub weight: Option<Spanned<i64>>,
     pub group: Option<Spanned<String>>,
+    /// Speak TLS to this upstream.
+    pub tls: Option<bool>,
+    /// PEM file of CA certificates to verify it (default: Mozilla's roots).
+    pub tls_ca: Option<Spanned<String>>,
+    /// Name sent as SNI and verified in its certificate (default: address host).
+    pub tls_sni: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +75,26 @@ pub struct RawRouting {
 #[serde(deny_unknown_fields)]
 pub struct RawStatic {
     pub root: Option<Spanned<String>>,
+    pub index: Option<Spanned<String>>,
+    pub allow_symlinks_outside: Option<bool>,
+    pub cache_max_bytes: Option<Spanned<i64>>,
+    pub cache_max_file_bytes: Option<Spanned<i64>>,
+    pub revalidate: Option<Spanned<String>>,
+}
+
+/// `[[routes]]`: a path prefix sent to static files or an upstream group.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Listener name; default: every HTTP-speaking listener.
+    pub listener: Option<Spanned<String>>,
+    pub prefix: Spanned<String>,
+    /// Serve files from this directory ...
+    pub static_root: Option<Spanned<String>>,
+    /// ... or proxy to this upstream group.
+    pub group: Option<Spanned<String>>,
+    /// Remove the prefix before mapping to files (nginx `alias`).
+    pub strip_prefix: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,4 +154,5 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     pub limits: RawLimits,
     pub pool: RawPool,
+    pub routes: Vec<Spanned<RawRoute>>,
 }

@@ -43,13 +43,79 @@ fn seed_format_loads_unchanged() {
     assert_eq!(c.static_root.as_deref(), Some(std::path::Path::new("/var/www/html")));
 }
 
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("atlas-config-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 #[test]
-fn seed_tls_section_parses_and_is_reported_as_not_yet_available() {
+fn seed_tls_section_with_missing_files_names_cert_and_key() {
     let text = SEED.replace("workers = 4", "workers = 4\n[listen.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"");
     let e = errors(&text);
-    assert_eq!(e.len(), 1, "{e:?}");
-    assert_eq!(e[0].key, "listen.tls");
-    assert!(e[0].message.contains("not available"), "{e:?}");
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert_eq!((e[0].key.as_str(), e[0].line), ("listen.tls.cert", 8));
+    assert_eq!((e[1].key.as_str(), e[1].line), ("listen.tls.key", 9));
+}
+
+#[test]
+fn tls_files_are_checked_for_pem_content() {
+    let dir = temp_dir("tls");
+    let ck = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+    let (cert, key, junk) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("junk.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&junk, "not pem at all\n").unwrap();
+    let tls = |c: &std::path::Path, k: &std::path::Path| {
+        format!("{SEED}").replace("workers = 4", &format!("workers = 4\n[listen.tls]\ncert = {:?}\nkey = {:?}\n[[listen.tls.sni]]\nnames = [\"a.test\", \"*.b.test\"]\ncert = {:?}\nkey = {:?}", c, k, c, k))
+    };
+    let c = load_str(&tls(&cert, &key), "t").unwrap();
+    let t = c.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(t.sni[0].names, vec!["a.test", "*.b.test"]);
+    assert!(t.default.origin.starts_with("t:7:1: listen.tls"), "{}", t.default.origin);
+    let e = errors(&tls(&junk, &junk));
+    let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+    assert!(keys.contains(&"listen.tls.cert") && keys.contains(&"listen.tls.key"), "{e:?}");
+    assert!(keys.contains(&"listen.tls.sni[0].cert"), "{e:?}");
+    let e = errors(&tls(&key, &cert));
+    assert!(e.iter().any(|e| e.key == "listen.tls.cert" && e.message.contains("no CERTIFICATE")), "{e:?}");
+    assert!(e.iter().any(|e| e.key == "listen.tls.key" && e.message.contains("private key")), "{e:?}");
+}
+
+#[test]
+fn static_mode_routes_and_settings() {
+    let dir = temp_dir("static");
+    std::fs::create_dir_all(dir.join("assets")).unwrap();
+    let root = dir.display();
+    let text = format!(
+        "[[listeners]]\nname = \"site\"\nport = 0\nmode = \"static\"\nroot = \"{root}\"\n\n[[listeners]]\nname = \"web\"\nport = 0\n\n[[upstreams]]\naddress = \"127.0.0.1:9\"\n[[upstreams]]\naddress = \"127.0.0.1:10\"\ngroup = \"api\"\n\n[[routes]]\nlistener = \"web\"\nprefix = \"/static/\"\nstatic_root = \"{root}/assets\"\nstrip_prefix = true\n\n[[routes]]\nprefix = \"/api/\"\ngroup = \"api\"\n\n[static_files]\ncache_max_bytes = 1000\nrevalidate = \"50ms\"\n"
+    );
+    let c = load_str(&text, "t").unwrap();
+    let site = &c.listeners[0];
+    assert_eq!(site.mode, Mode::Static);
+    assert_eq!(site.static_root.as_deref(), Some(std::fs::canonicalize(&dir).unwrap().as_path()));
+    assert_eq!(site.routes.len(), 1, "the unnamed /api/ route applies to every http listener");
+    let web = &c.listeners[1];
+    assert_eq!(web.routes.len(), 2);
+    assert_eq!(web.routes[0].prefix, "/static/", "longest prefix first");
+    assert!(matches!(&web.routes[0].target, RouteTarget::Static { strip_prefix: true, .. }));
+    assert_eq!(web.routes[1].target, RouteTarget::Group(1));
+    assert_eq!(c.static_files.cache_max_bytes, 1000);
+    assert_eq!(c.static_files.revalidate, Duration::from_millis(50));
+
+    let e = errors("[listen]\nport = 0\nmode = \"static\"\n");
+    assert!(e[0].message.contains("needs a root"), "{e:?}");
+    let e = errors("[listen]\nport = 0\nmode = \"static\"\nroot = \"/nonexistent/atlas\"\n");
+    assert_eq!(e[0].key, "listen.root");
+    let e = errors(&format!("[listen]\nport = 0\nmode = \"static\"\nroot = \"{root}\"\n[[routes]]\nprefix = \"x\"\ngroup = \"g\"\n[[routes]]\nprefix = \"/a\"\n[[routes]]\nprefix = \"/b\"\ngroup = \"nope\"\nlistener = \"default\"\n"));
+    let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, vec!["routes[0].prefix", "routes[1]", "routes[2].group"], "{e:?}");
+}
+
+#[test]
+fn seed_static_root_need_not_exist_in_http_mode() {
+    let c = load_str(SEED, "seed").unwrap();
+    assert_eq!(c.static_root.as_deref(), Some(std::path::Path::new("/var/www/html")));
 }
 
 #[test]

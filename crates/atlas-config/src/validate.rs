@@ -79,6 +79,85 @@ fn duration(diag: &mut Diag<'_>, v: &Option<Spanned<String>>, key: &str, default
     }
 }
 
+/// A directory that must exist; returns its canonical path.
+fn directory(diag: &mut Diag<'_>, v: &Spanned<String>, key: &str) -> Option<PathBuf> {
+    match std::fs::canonicalize(v.get_ref()) {
+        Ok(p) if p.is_dir() => Some(p),
+        Ok(_) => {
+            diag.at(v, key, format!("`{}` is not a directory", v.get_ref()));
+            None
+        }
+        Err(e) => {
+            diag.at(v, key, format!("`{}`: {e}", v.get_ref()));
+            None
+        }
+    }
+}
+
+/// Checks that a PEM file holds at least one certificate / a private key,
+/// so `--check` catches a bad file without starting anything.
+fn pem_file(diag: &mut Diag<'_>, v: &Spanned<String>, key: &str, want_key: bool) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let path = v.get_ref();
+    if let Err(e) = std::fs::metadata(path) {
+        diag.at(v, key, format!("`{path}`: {e}"));
+        return false;
+    }
+    let problem = if want_key {
+        PrivateKeyDer::from_pem_file(path).err().map(|e| format!("`{path}` has no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}"))
+    } else {
+        match CertificateDer::pem_file_iter(path) {
+            Err(e) => Some(format!("`{path}`: {e}")),
+            Ok(it) => {
+                let certs: Result<Vec<_>, _> = it.collect();
+                match certs {
+                    Ok(c) if !c.is_empty() => None,
+                    Ok(_) => Some(format!("`{path}` holds no CERTIFICATE block")),
+                    Err(e) => Some(format!("`{path}` is not valid PEM: {e}")),
+                }
+            }
+        }
+    };
+    match problem {
+        Some(p) => {
+            diag.at(v, key, p);
+            false
+        }
+        None => true,
+    }
+}
+
+fn tls_listener(diag: &mut Diag<'_>, t: &Spanned<RawTls>, key: &str) -> Option<TlsListener> {
+    let r = t.get_ref();
+    let mut ok = pem_file(diag, &r.cert, &format!("{key}.cert"), false);
+    ok &= pem_file(diag, &r.key, &format!("{key}.key"), true);
+    let default = CertFiles { cert: PathBuf::from(r.cert.get_ref()), key: PathBuf::from(r.key.get_ref()), names: Vec::new(), origin: diag.origin(t, key) };
+    let mut sni = Vec::new();
+    for (i, s) in r.sni.iter().enumerate() {
+        let k = format!("{key}.sni[{i}]");
+        let c = s.get_ref();
+        ok &= pem_file(diag, &c.cert, &format!("{k}.cert"), false);
+        ok &= pem_file(diag, &c.key, &format!("{k}.key"), true);
+        if c.names.is_empty() {
+            diag.at(s, format!("{k}.names"), "needs at least one host name");
+            ok = false;
+        }
+        let mut names = Vec::new();
+        for n in &c.names {
+            let name = n.get_ref().trim().to_ascii_lowercase();
+            let bare = name.strip_prefix("*.").unwrap_or(&name);
+            if bare.is_empty() || !bare.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')) {
+                diag.at(n, format!("{k}.names"), format!("`{}` is not a host name (or *.domain wildcard)", n.get_ref()));
+                ok = false;
+            }
+            names.push(name);
+        }
+        sni.push(CertFiles { cert: PathBuf::from(c.cert.get_ref()), key: PathBuf::from(c.key.get_ref()), names, origin: diag.origin(s, &k) });
+    }
+    ok.then_some(TlsListener { default, sni })
+}
+
 struct ListenerDraft {
     listener: Listener,
     group_name: Spanned<String>,
@@ -101,7 +180,7 @@ fn listener(diag: &mut Diag<'_>, raw: &Spanned<RawListener>, key: &str, index: u
         },
     };
     if let Some(m) = &r.mode {
-        if matches!(mode, Mode::Static | Mode::Firehose) {
+        if matches!(mode, Mode::Firehose) {
             diag.at(m, format!("{key}.mode"), format!("mode `{}` is not available in this build yet", mode.as_str()));
         }
     }
@@ -142,16 +221,14 @@ fn listener(diag: &mut Diag<'_>, raw: &Spanned<RawListener>, key: &str, index: u
             HashKey::ClientIp
         }),
     };
-    let tls = r.tls.as_ref().map(|t| TlsFiles { cert: PathBuf::from(t.get_ref().cert.get_ref()), key: PathBuf::from(t.get_ref().key.get_ref()) });
-    if let Some(t) = &r.tls {
-        diag.at(t, format!("{key}.tls"), "TLS termination is not available in this build yet");
-    }
+    let tls = r.tls.as_ref().and_then(|t| tls_listener(diag, t, &format!("{key}.tls")));
+    let static_root = r.root.as_ref().and_then(|root| directory(diag, root, &format!("{key}.root")));
     let backlog = int_in(diag, &r.backlog, &format!("{key}.backlog"), 1, 65535, 4096) as u32;
     if bad_mode {
         return None;
     }
     let group_name = r.group.clone().unwrap_or_else(|| Spanned::new(raw.span(), "default".to_string()));
-    Some(ListenerDraft { listener: Listener { name, addr: addr?, mode, tls, group: None, strategy, hash_key, backlog }, group_name, key: key.to_string() })
+    Some(ListenerDraft { listener: Listener { name, addr: addr?, mode, tls, group: None, strategy, hash_key, backlog, static_root, routes: Vec::new() }, group_name, key: key.to_string() })
 }
 
 fn upstream(diag: &mut Diag<'_>, raw: &Spanned<RawUpstream>, key: &str) -> Option<(String, Upstream)> {
@@ -187,7 +264,20 @@ fn upstream(diag: &mut Diag<'_>, raw: &Spanned<RawUpstream>, key: &str) -> Optio
     let weight = int_in(diag, &r.weight, &format!("{key}.weight"), 0, 1_000_000, 1) as u32;
     let name = r.name.as_ref().map(|n| n.get_ref().clone()).unwrap_or_else(|| format!("{host}:{port}"));
     let group = r.group.as_ref().map(|g| g.get_ref().clone()).unwrap_or_else(|| "default".into());
-    Some((group, Upstream { name, host, port, addr, weight }))
+    let tls = if r.tls == Some(true) {
+        if let Some(ca) = &r.tls_ca {
+            pem_file(diag, ca, &format!("{key}.tls_ca"), false);
+        }
+        Some(UpstreamTls { ca: r.tls_ca.as_ref().map(|c| PathBuf::from(c.get_ref())), sni: r.tls_sni.as_ref().map(|s| s.get_ref().clone()).unwrap_or_else(|| host.clone()) })
+    } else {
+        for (v, k) in [(&r.tls_ca, "tls_ca"), (&r.tls_sni, "tls_sni")] {
+            if let Some(v) = v {
+                diag.at(v, format!("{key}.{k}"), "has no effect without `tls = true`");
+            }
+        }
+        None
+    };
+    Some((group, Upstream { name, host, port, addr, weight, tls }))
 }
 
 pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
@@ -254,9 +344,22 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
             drafts.push(d);
         }
     }
+    let global_root = raw.static_files.root.as_ref().and_then(|r| match drafts.iter().any(|d| d.listener.mode == Mode::Static && d.listener.static_root.is_none()) {
+        // Only a root someone serves from has to exist (the seed file names
+        // /var/www/html while running in http mode).
+        true => directory(diag, r, "static_files.root"),
+        false => Some(PathBuf::from(r.get_ref())),
+    });
     let mut listeners = Vec::new();
     let mut names: HashMap<String, ()> = HashMap::new();
     for mut d in drafts {
+        if d.listener.mode == Mode::Static && d.listener.static_root.is_none() {
+            match &global_root {
+                Some(r) => d.listener.static_root = Some(r.clone()),
+                None if raw.static_files.root.is_some() => {}
+                None => diag.at(&d.group_name, format!("{}.mode", d.key), "mode `static` needs a root: set [static_files] root or the listener's `root`"),
+            }
+        }
         if names.insert(d.listener.name.clone(), ()).is_some() {
             diag.at(&d.group_name, format!("{}.name", d.key), format!("duplicate listener name `{}`", d.listener.name));
         }
@@ -274,6 +377,7 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
         }
         listeners.push(d.listener);
     }
+    routes(diag, &raw.routes, &mut listeners, &groups);
     for (i, a) in listeners.iter().enumerate() {
         if a.addr.port() != 0 && listeners[..i].iter().any(|b| b.addr == a.addr) {
             diag.push(None, "listeners", format!("two listeners on {}", a.addr));
@@ -353,10 +457,82 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
         ring_entries,
         listeners,
         groups,
-        static_root: raw.static_files.root.as_ref().map(|r| PathBuf::from(r.get_ref())),
+        static_root: global_root,
+        static_files: static_settings(diag, &raw.static_files),
         api,
         timeouts,
         limits,
         pool,
+    }
+}
+
+fn static_settings(diag: &mut Diag<'_>, r: &RawStatic) -> StaticSettings {
+    let d = StaticSettings::default();
+    let index = match &r.index {
+        Some(i) if i.get_ref().is_empty() || i.get_ref().contains('/') || i.get_ref() == ".." => {
+            diag.at(i, "static_files.index", "must be a plain file name such as index.html");
+            d.index
+        }
+        Some(i) => i.get_ref().clone(),
+        None => d.index,
+    };
+    StaticSettings {
+        index,
+        allow_symlinks_outside: r.allow_symlinks_outside.unwrap_or(false),
+        cache_max_bytes: int_in(diag, &r.cache_max_bytes, "static_files.cache_max_bytes", 0, 1 << 40, d.cache_max_bytes as i64) as usize,
+        cache_max_file_bytes: int_in(diag, &r.cache_max_file_bytes, "static_files.cache_max_file_bytes", 0, 1 << 30, d.cache_max_file_bytes as i64) as usize,
+        revalidate: match &r.revalidate {
+            None => d.revalidate,
+            Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
+                diag.at(v, "static_files.revalidate", e);
+                d.revalidate
+            }),
+        },
+    }
+}
+
+/// Attaches `[[routes]]` to their listeners, longest prefix first.
+fn routes(diag: &mut Diag<'_>, raw: &[Spanned<RawRoute>], listeners: &mut [Listener], groups: &[Group]) {
+    for (i, r) in raw.iter().enumerate() {
+        let key = format!("routes[{i}]");
+        let route = r.get_ref();
+        let prefix = route.prefix.get_ref();
+        if !prefix.starts_with('/') {
+            diag.at(&route.prefix, format!("{key}.prefix"), "must start with `/`");
+            continue;
+        }
+        let target = match (&route.static_root, &route.group) {
+            (Some(root), None) => match directory(diag, root, &format!("{key}.static_root")) {
+                Some(root) => RouteTarget::Static { root, strip_prefix: route.strip_prefix.unwrap_or(false) },
+                None => continue,
+            },
+            (None, Some(g)) => match groups.iter().position(|x| &x.name == g.get_ref()) {
+                Some(gi) => RouteTarget::Group(gi),
+                None => {
+                    diag.at(g, format!("{key}.group"), format!("no upstream has group `{}`", g.get_ref()));
+                    continue;
+                }
+            },
+            _ => {
+                diag.at(r, &key, "needs exactly one of `static_root` or `group`");
+                continue;
+            }
+        };
+        let serves_http = |l: &Listener| matches!(l.mode, Mode::Http | Mode::Static);
+        match &route.listener {
+            Some(name) => match listeners.iter_mut().find(|l| &l.name == name.get_ref()) {
+                Some(l) if serves_http(l) => l.routes.push(Route { prefix: prefix.clone(), target }),
+                Some(l) => diag.at(name, format!("{key}.listener"), format!("listener `{}` is in mode `{}`: routes apply to http and static listeners", l.name, l.mode.as_str())),
+                None => diag.at(name, format!("{key}.listener"), format!("no listener named `{}`", name.get_ref())),
+            },
+            None => {
+                for l in listeners.iter_mut().filter(|l| serves_http(l)) {
+                    l.routes.push(Route { prefix: prefix.clone(), target: target.clone() });
+                }
+            }
+        }
+    }
+    for l in listeners.iter_mut() {
+        l.routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
     }
 }
