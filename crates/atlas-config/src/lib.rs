@@ -150,7 +150,10 @@ impl TlsListener {
 /// Where a `[[routes]]` prefix sends requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteTarget {
-    Static { root: PathBuf, strip_prefix: bool },
+    Static {
+        root: PathBuf,
+        strip_prefix: bool,
+    },
     /// Index into [`Config::groups`].
     Group(usize),
 }

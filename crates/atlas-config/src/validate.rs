@@ -228,7 +228,11 @@ fn listener(diag: &mut Diag<'_>, raw: &Spanned<RawListener>, key: &str, index: u
         return None;
     }
     let group_name = r.group.clone().unwrap_or_else(|| Spanned::new(raw.span(), "default".to_string()));
-    Some(ListenerDraft { listener: Listener { name, addr: addr?, mode, tls, group: None, strategy, hash_key, backlog, static_root, routes: Vec::new() }, group_name, key: key.to_string() })
+    Some(ListenerDraft {
+        listener: Listener { name, addr: addr?, mode, tls, group: None, strategy, hash_key, backlog, static_root, routes: Vec::new() },
+        group_name,
+        key: key.to_string(),
+    })
 }
 
 fn upstream(diag: &mut Diag<'_>, raw: &Spanned<RawUpstream>, key: &str) -> Option<(String, Upstream)> {
@@ -268,7 +272,10 @@ fn upstream(diag: &mut Diag<'_>, raw: &Spanned<RawUpstream>, key: &str) -> Optio
         if let Some(ca) = &r.tls_ca {
             pem_file(diag, ca, &format!("{key}.tls_ca"), false);
         }
-        Some(UpstreamTls { ca: r.tls_ca.as_ref().map(|c| PathBuf::from(c.get_ref())), sni: r.tls_sni.as_ref().map(|s| s.get_ref().clone()).unwrap_or_else(|| host.clone()) })
+        Some(UpstreamTls {
+            ca: r.tls_ca.as_ref().map(|c| PathBuf::from(c.get_ref())),
+            sni: r.tls_sni.as_ref().map(|s| s.get_ref().clone()).unwrap_or_else(|| host.clone()),
+        })
     } else {
         for (v, k) in [(&r.tls_ca, "tls_ca"), (&r.tls_sni, "tls_sni")] {
             if let Some(v) = v {
@@ -344,12 +351,13 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
             drafts.push(d);
         }
     }
-    let global_root = raw.static_files.root.as_ref().and_then(|r| match drafts.iter().any(|d| d.listener.mode == Mode::Static && d.listener.static_root.is_none()) {
-        // Only a root someone serves from has to exist (the seed file names
-        // /var/www/html while running in http mode).
-        true => directory(diag, r, "static_files.root"),
-        false => Some(PathBuf::from(r.get_ref())),
-    });
+    let global_root =
+        raw.static_files.root.as_ref().and_then(|r| match drafts.iter().any(|d| d.listener.mode == Mode::Static && d.listener.static_root.is_none()) {
+            // Only a root someone serves from has to exist (the seed file names
+            // /var/www/html while running in http mode).
+            true => directory(diag, r, "static_files.root"),
+            false => Some(PathBuf::from(r.get_ref())),
+        });
     let mut listeners = Vec::new();
     let mut names: HashMap<String, ()> = HashMap::new();
     for mut d in drafts {
@@ -522,7 +530,11 @@ fn routes(diag: &mut Diag<'_>, raw: &[Spanned<RawRoute>], listeners: &mut [Liste
         match &route.listener {
             Some(name) => match listeners.iter_mut().find(|l| &l.name == name.get_ref()) {
                 Some(l) if serves_http(l) => l.routes.push(Route { prefix: prefix.clone(), target }),
-                Some(l) => diag.at(name, format!("{key}.listener"), format!("listener `{}` is in mode `{}`: routes apply to http and static listeners", l.name, l.mode.as_str())),
+                Some(l) => diag.at(
+                    name,
+                    format!("{key}.listener"),
+                    format!("listener `{}` is in mode `{}`: routes apply to http and static listeners", l.name, l.mode.as_str()),
+                ),
                 None => diag.at(name, format!("{key}.listener"), format!("no listener named `{}`", name.get_ref())),
             },
             None => {

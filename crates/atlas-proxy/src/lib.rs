@@ -13,17 +13,23 @@ pub mod error;
 pub mod http;
 pub mod io;
 pub mod pool;
+pub mod static_files;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
-use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::Arc;
 
-use atlas_balance::{GroupShared, Picker};
 use atlas_config::{HashKey, Limits, Timeouts};
 
 pub use error::{ProxyError, Side};
+pub use upstream::Upstreams;
+
+/// Where a request (or a TCP connection) goes.
+pub enum Target {
+    Upstreams(Upstreams),
+    Static(static_files::StaticSite),
+}
 
 /// Everything a connection handler needs, built per worker and listener.
 pub struct ListenerCtx {
@@ -31,13 +37,30 @@ pub struct ListenerCtx {
     pub name: String,
     /// `http` or `https`: the value of `X-Forwarded-Proto`.
     pub proto: &'static str,
-    pub group: Option<Arc<GroupShared>>,
-    pub picker: Option<RefCell<Picker>>,
-    /// Set when the strategy is `hash`.
+    /// Where requests go when no route matches (`None`: nowhere, 503).
+    pub default: Option<Target>,
+    /// `[[routes]]`: path prefix and target, longest prefix first.
+    pub routes: Vec<(String, Target)>,
+    /// Set when a strategy is `hash`.
     pub hash_key: Option<HashKey>,
     pub pool: Rc<pool::ConnPool>,
     pub timeouts: Timeouts,
     pub limits: Limits,
+}
+
+impl ListenerCtx {
+    /// The target for a request path: the longest matching route, else the default.
+    pub fn route(&self, path: &[u8]) -> Option<&Target> {
+        self.routes.iter().find(|(p, _)| path.starts_with(p.as_bytes())).map(|(_, t)| t).or(self.default.as_ref())
+    }
+
+    /// The listener's own upstreams (TCP mode), if any.
+    pub fn upstreams(&self) -> Option<&Upstreams> {
+        match &self.default {
+            Some(Target::Upstreams(u)) => Some(u),
+            _ => None,
+        }
+    }
 }
 
 thread_local! {

@@ -4,7 +4,8 @@
 //! reload that keeps an upstream keeps its warm connections. Idle connections
 //! are reused most-recent first (the warmest, least likely to have been
 //! closed by the upstream's own idle timer); each is closed once older than
-//! `idle_timeout`, and at most `max_idle` are kept per upstream. A pooled
+//! `idle_timeout`, and at most `max_idle` are kept per upstream. TLS and
+//! plain connections to the same address are kept apart. A pooled
 //! connection the upstream closed meanwhile is caught by the proxy's retry of
 //! a replayable request on a fresh connection.
 
@@ -13,10 +14,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use monoio::net::TcpStream;
+use crate::upstream::UpstreamConn;
 
 pub struct ConnPool {
-    idle: RefCell<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
+    idle: RefCell<HashMap<(SocketAddr, bool), Vec<(UpstreamConn, Instant)>>>,
     max_idle: Cell<usize>,
     idle_timeout: Cell<Duration>,
     /// Reuse counters (hits, misses), read by metrics later.
@@ -35,10 +36,10 @@ impl ConnPool {
         }
     }
 
-    /// A live-looking idle connection to `addr`, if any.
-    pub fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+    /// A live-looking idle connection to `addr` (TLS or not), if any.
+    pub fn take(&self, addr: SocketAddr, tls: bool) -> Option<UpstreamConn> {
         let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(&(addr, tls))?;
         let now = Instant::now();
         while let Some((conn, since)) = list.pop() {
             if now.duration_since(since) < self.idle_timeout.get() {
@@ -53,9 +54,9 @@ impl ConnPool {
         None
     }
 
-    pub fn put(&self, addr: SocketAddr, conn: TcpStream) {
+    pub fn put(&self, addr: SocketAddr, tls: bool, conn: UpstreamConn) {
         let mut idle = self.idle.borrow_mut();
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry((addr, tls)).or_default();
         if list.len() >= self.max_idle.get() {
             // Drop the oldest: keep the warm end.
             if list.is_empty() {

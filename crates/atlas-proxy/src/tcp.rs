@@ -18,7 +18,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, Split, Splitable};
 use monoio::net::TcpStream;
 
 use crate::io::{pipe_both, shutdown_fd};
-use crate::upstream::{self, InflightGuard};
+use crate::upstream::{self, InflightGuard, UpstreamConn};
 use crate::ListenerCtx;
 
 const SPLICE_CHUNK: u32 = 64 * 1024;
@@ -56,9 +56,9 @@ async fn splice_half<R: AsReadFd, W: AsWriteFd + AsyncWriteRent>(from: &mut R, t
 }
 
 /// Picks and connects an upstream for a new TCP-mode client.
-async fn connect_for(ctx: &ListenerCtx, peer: SocketAddr) -> Option<upstream::Connected> {
+async fn connect_for(ctx: &ListenerCtx, up: &upstream::Upstreams, peer: SocketAddr) -> Option<upstream::Connected> {
     let mut excluded = 0;
-    match upstream::connect(ctx, client_hash(ctx, peer), &mut excluded, false).await {
+    match upstream::connect(ctx, up, client_hash(ctx, peer), &mut excluded, false).await {
         Ok(c) => Some(c),
         Err(e) => {
             crate::log_limited(|| tracing::warn!(%peer, error = %e, "tcp: no upstream, closing client"));
@@ -70,15 +70,22 @@ async fn connect_for(ctx: &ListenerCtx, peer: SocketAddr) -> Option<upstream::Co
 /// Serves one TCP-mode connection on a plain socket (splice).
 pub async fn serve_plain(ctx: Rc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
     let client_fd = client.as_raw_fd();
-    // Borrowed, not cloned: an Arc clone per connection would bounce the
-    // shared refcount's cache line between workers.
-    let Some(group) = ctx.group.as_deref() else { return };
-    let Some(c) = connect_for(&ctx, peer).await else { return };
+    let Some(up) = ctx.upstreams() else { return };
+    let group = &*up.group;
+    let Some(c) = connect_for(&ctx, up, peer).await else { return };
     let _inflight = InflightGuard::new(group, ctx.worker, c.idx);
-    let up_fd = c.conn.as_raw_fd();
+    let up_fd = c.conn.raw_fd();
     let idle = ctx.timeouts.tcp_idle;
+    let conn = match c.conn {
+        UpstreamConn::Plain(s) => s,
+        tls => {
+            // TLS to the upstream: bytes must go through rustls, no splice.
+            pipe_both(client, tls, [client_fd, up_fd], idle).await;
+            return;
+        }
+    };
     let (mut cr, mut cw) = client.into_split();
-    let (mut ur, mut uw) = c.conn.into_split();
+    let (mut ur, mut uw) = conn.into_split();
     let fail = |e: io::Error| {
         tracing::debug!(%peer, error = %e, "tcp pipe ended with error");
         shutdown_fd(client_fd);
@@ -102,11 +109,10 @@ pub async fn serve_stream<S>(ctx: Rc<ListenerCtx>, client: S, peer: SocketAddr, 
 where
     S: AsyncReadRent + AsyncWriteRent + Split + 'static,
 {
-    // Borrowed, not cloned: an Arc clone per connection would bounce the
-    // shared refcount's cache line between workers.
-    let Some(group) = ctx.group.as_deref() else { return };
-    let Some(c) = connect_for(&ctx, peer).await else { return };
+    let Some(up) = ctx.upstreams() else { return };
+    let group = &*up.group;
+    let Some(c) = connect_for(&ctx, up, peer).await else { return };
     let _inflight = InflightGuard::new(group, ctx.worker, c.idx);
-    let up_fd = c.conn.as_raw_fd();
+    let up_fd = c.conn.raw_fd();
     pipe_both(client, c.conn, [client_fd, up_fd], ctx.timeouts.tcp_idle).await;
 }

@@ -1,14 +1,109 @@
-//! Choosing an upstream and getting a connection to it: from the worker's
-//! pool when allowed, else a fresh connect under the connect timeout; a
-//! failed connect moves on to another upstream (each tried at most once).
+//! Upstream side of a request: the upstream connection type (plain TCP or
+//! TLS), choosing an upstream, and getting a connection to it: from the
+//! worker's pool when allowed, else a fresh connect (and TLS handshake)
+//! under the connect timeout; a failed connect moves on to another upstream
+//! (each tried at most once).
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
-use atlas_balance::GroupShared;
+use atlas_balance::{GroupShared, Picker};
+use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
 use monoio::net::TcpStream;
+use monoio::BufResult;
 
 use crate::error::{ProxyError, Side};
+use crate::tls::ClientTls;
 use crate::ListenerCtx;
+
+/// A connection to an upstream.
+pub enum UpstreamConn {
+    Plain(TcpStream),
+    /// The stream and the raw descriptor of the socket under it.
+    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>, RawFd),
+}
+
+impl UpstreamConn {
+    pub fn raw_fd(&self) -> RawFd {
+        match self {
+            UpstreamConn::Plain(s) => s.as_raw_fd(),
+            UpstreamConn::Tls(_, fd) => *fd,
+        }
+    }
+}
+
+// SAFETY: both variants are `Split` (TcpStream, and rustls' stream over it).
+unsafe impl Split for UpstreamConn {}
+
+impl AsyncReadRent for UpstreamConn {
+    fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        async move {
+            match self {
+                UpstreamConn::Plain(s) => s.read(buf).await,
+                UpstreamConn::Tls(s, _) => s.read(buf).await,
+            }
+        }
+    }
+
+    fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        async move {
+            match self {
+                UpstreamConn::Plain(s) => s.readv(buf).await,
+                UpstreamConn::Tls(s, _) => s.readv(buf).await,
+            }
+        }
+    }
+}
+
+impl AsyncWriteRent for UpstreamConn {
+    fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        async move {
+            match self {
+                UpstreamConn::Plain(s) => s.write(buf).await,
+                UpstreamConn::Tls(s, _) => s.write(buf).await,
+            }
+        }
+    }
+
+    fn writev<T: IoVecBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        async move {
+            match self {
+                UpstreamConn::Plain(s) => s.writev(buf).await,
+                UpstreamConn::Tls(s, _) => s.writev(buf).await,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> impl Future<Output = std::io::Result<()>> {
+        async move {
+            match self {
+                UpstreamConn::Plain(s) => s.flush().await,
+                UpstreamConn::Tls(s, _) => s.flush().await,
+            }
+        }
+    }
+
+    fn shutdown(&mut self) -> impl Future<Output = std::io::Result<()>> {
+        async move {
+            match self {
+                UpstreamConn::Plain(s) => s.shutdown().await,
+                UpstreamConn::Tls(s, _) => s.shutdown().await,
+            }
+        }
+    }
+}
+
+/// An upstream group as one worker's listener (or route) uses it.
+pub struct Upstreams {
+    pub group: Arc<GroupShared>,
+    pub picker: RefCell<Picker>,
+    /// Per upstream (same order as the group): TLS settings, if any.
+    pub tls: Arc<Vec<Option<ClientTls>>>,
+}
 
 /// Counts a request in flight on one upstream for as long as it lives.
 pub struct InflightGuard<'a> {
@@ -33,41 +128,53 @@ impl Drop for InflightGuard<'_> {
 pub struct Connected {
     pub idx: usize,
     pub addr: SocketAddr,
-    pub conn: TcpStream,
+    pub tls: bool,
+    pub conn: UpstreamConn,
     /// Came from the keep-alive pool (may have been closed by the upstream).
     pub reused: bool,
 }
 
+async fn dial(ctx: &ListenerCtx, addr: SocketAddr, tls: Option<&ClientTls>) -> Result<UpstreamConn, ProxyError> {
+    let attempt = async {
+        let tcp = TcpStream::connect_addr(addr).await.map_err(|e| ProxyError::io(Side::Upstream, true, "connect failed", e))?;
+        let _ = tcp.set_nodelay(true);
+        let fd = tcp.as_raw_fd();
+        match tls {
+            None => Ok(UpstreamConn::Plain(tcp)),
+            Some(t) => match t.connector.connect(t.name.clone(), tcp).await {
+                Ok(s) => Ok(UpstreamConn::Tls(Box::new(s), fd)),
+                Err(e) => Err(ProxyError::io(Side::Upstream, true, "TLS handshake with upstream failed", e.into())),
+            },
+        }
+    };
+    match monoio::time::timeout(ctx.timeouts.connect, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::new(Side::Upstream, true, "connect timed out")),
+    }
+}
+
 /// Picks an upstream not in `excluded` and connects. Failed upstreams are
 /// added to `excluded`, so the caller can continue the same exclusion set.
-pub async fn connect(ctx: &ListenerCtx, hash: u64, excluded: &mut u64, use_pool: bool) -> Result<Connected, ProxyError> {
-    let (Some(group), Some(picker)) = (&ctx.group, &ctx.picker) else {
-        return Err(ProxyError::new(Side::Config, false, "listener has no upstream group"));
-    };
+pub async fn connect(ctx: &ListenerCtx, up: &Upstreams, hash: u64, excluded: &mut u64, use_pool: bool) -> Result<Connected, ProxyError> {
+    let group = &up.group;
     let attempts = group.len().clamp(1, 3);
     let mut last = ProxyError::new(Side::Config, true, "no usable upstream");
     for _ in 0..attempts {
-        let Some(idx) = picker.borrow_mut().pick(group, hash, *excluded) else {
+        let Some(idx) = up.picker.borrow_mut().pick(group, hash, *excluded) else {
             break;
         };
         let addr = group.addrs[idx];
+        let tls = up.tls.get(idx).and_then(Option::as_ref);
         if use_pool {
-            if let Some(conn) = ctx.pool.take(addr) {
-                return Ok(Connected { idx, addr, conn, reused: true });
+            if let Some(conn) = ctx.pool.take(addr, tls.is_some()) {
+                return Ok(Connected { idx, addr, tls: tls.is_some(), conn, reused: true });
             }
         }
-        match monoio::time::timeout(ctx.timeouts.connect, TcpStream::connect_addr(addr)).await {
-            Ok(Ok(conn)) => {
-                let _ = conn.set_nodelay(true);
-                return Ok(Connected { idx, addr, conn, reused: false });
-            }
-            Ok(Err(e)) => {
+        match dial(ctx, addr, tls).await {
+            Ok(conn) => return Ok(Connected { idx, addr, tls: tls.is_some(), conn, reused: false }),
+            Err(e) => {
                 crate::log_limited(|| tracing::warn!(upstream = %group.names[idx], %addr, error = %e, "upstream connect failed"));
-                last = ProxyError::io(Side::Upstream, true, "connect failed", e);
-            }
-            Err(_) => {
-                crate::log_limited(|| tracing::warn!(upstream = %group.names[idx], %addr, "upstream connect timed out"));
-                last = ProxyError::new(Side::Upstream, true, "connect timed out");
+                last = e;
             }
         }
         if idx < 64 {

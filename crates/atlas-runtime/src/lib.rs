@@ -9,9 +9,11 @@
 //! that `least_connections` reads.
 
 mod listen;
+mod shared;
 mod worker;
 
 pub use listen::{bind_all, BoundListener};
+pub use shared::Shared;
 pub use worker::{start, Workers};
 
 use atlas_config::Driver;

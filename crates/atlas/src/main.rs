@@ -102,6 +102,16 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let shared = match atlas_runtime::Shared::build(&cfg) {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!("atlas: configuration has {} error(s)", errors.len());
+            return ExitCode::from(1);
+        }
+    };
     if args.check {
         let upstreams: usize = cfg.groups.iter().map(|g| g.upstreams.len()).sum();
         println!(
@@ -114,7 +124,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging();
-    match run(cfg, &args) {
+    match run(cfg, shared, &args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -123,7 +133,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cfg: atlas_config::Config, args: &Args) -> Result<(), String> {
+fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) -> Result<(), String> {
     if args.takeover {
         tracing::warn!(socket = %args.takeover_socket.display(), "--takeover is not implemented in this build yet: binding fresh sockets (SO_REUSEPORT lets the old process keep serving until you stop it)");
     }
@@ -149,8 +159,11 @@ fn run(cfg: atlas_config::Config, args: &Args) -> Result<(), String> {
         let l = &cfg.listeners[b.index];
         tracing::info!(name = %l.name, addr = %b.addr, mode = l.mode.as_str(), "listening");
     }
+    let tls: Vec<(String, Arc<atlas_proxy::tls::ServerTls>)> =
+        cfg.listeners.iter().zip(&shared.server_tls).filter_map(|(l, t)| t.clone().map(|t| (l.name.clone(), t))).collect();
+    atlas_proxy::tls::spawn_reloader(tls, std::time::Duration::from_secs(1));
     let cfg = Arc::new(cfg);
-    let _workers = atlas_runtime::start(cfg, bound, driver).map_err(|e| format!("internal: cannot start workers: {e}"))?;
+    let _workers = atlas_runtime::start(cfg, Arc::new(shared), bound, driver).map_err(|e| format!("internal: cannot start workers: {e}"))?;
     loop {
         match signals.wait() {
             Ok(Signal::SIGHUP) => tracing::info!("SIGHUP: configuration reload is not implemented in this build yet"),

@@ -69,6 +69,8 @@ pub struct RequestInfo {
     pub expect_continue: bool,
     /// Hash of the configured key (only when asked for).
     pub hash: u64,
+    /// Where the (origin-form) request target lies in the input buffer.
+    pub target: (usize, usize),
 }
 
 /// Per-request inputs of the rewrite.
@@ -374,7 +376,19 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> R
         }
     };
     let idempotent = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE");
-    Ok(Some(RequestInfo { head_len, body, http11, keep_alive, is_head: method == "HEAD", idempotent, upgrade, expect_continue, hash }))
+    let target_at = target.as_ptr() as usize - buf.as_ptr() as usize;
+    Ok(Some(RequestInfo {
+        head_len,
+        body,
+        http11,
+        keep_alive,
+        is_head: method == "HEAD",
+        idempotent,
+        upgrade,
+        expect_continue,
+        hash,
+        target: (target_at, target_at + target.len()),
+    }))
 }
 
 fn itoa_u64(n: u64) -> String {

@@ -3,6 +3,8 @@
 //! with retries), stream the request body, stream the response back, return
 //! the upstream connection to the pool, repeat for keep-alive and pipelined
 //! requests in order. `Upgrade` requests that get `101` become a byte pipe.
+//! Requests whose path matches a static route (or every request on a
+//! static listener) are answered from files instead.
 //!
 //! Bodies are streamed through fixed buffers, never held whole. Every wait
 //! has a timeout (header read, idle keep-alive, body reads, upstream
@@ -10,19 +12,19 @@
 //! sent become a short 4xx/5xx reply; after that the connection is closed.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
-use monoio::net::TcpStream;
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::time::{timeout, timeout_at, Instant};
 
 use super::chunked::ChunkedScanner;
-use super::codec::{self, BodyKind, RequestInfo, ResponseCtx, RewriteCtx};
+use super::codec::{self, BodyKind, HeadError, RequestInfo, ResponseCtx, RewriteCtx};
 use crate::error::{ProxyError, Side};
-use crate::io::{give_buf, pipe_both, read_more, take_buf, write_range, write_vec, BUF_SIZE};
-use crate::upstream::{self, InflightGuard};
-use crate::ListenerCtx;
+use crate::io::{give_buf, pipe_both, read_more, take_buf, write_range, write_vec, ClientStream, BUF_SIZE};
+use crate::static_files::{self, StaticSite};
+use crate::upstream::{self, InflightGuard, UpstreamConn};
+use crate::{ListenerCtx, Target};
 
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -39,15 +41,12 @@ struct Bufs {
 enum Step {
     KeepAlive,
     Close,
-    Upgrade(TcpStream),
+    Upgrade(UpstreamConn),
 }
 
 /// Serves one client connection until it closes. `client_fd` is the
 /// underlying socket, used to wake a tunnel when its other half fails.
-pub async fn serve<S>(ctx: Rc<ListenerCtx>, mut client: S, peer: SocketAddr, client_fd: RawFd)
-where
-    S: AsyncReadRent + AsyncWriteRent + Split + 'static,
-{
+pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, mut client: S, peer: SocketAddr, client_fd: RawFd) {
     let mut b = Bufs { cbuf: take_buf(), ubuf: take_buf(), out: take_buf() };
     loop {
         match exchange(&ctx, &mut client, peer, &mut b).await {
@@ -73,14 +72,24 @@ async fn reply<S: AsyncWriteRent>(client: &mut S, b: &mut Bufs, status: u16, msg
     }
 }
 
-enum Head {
-    Request(RequestInfo),
+enum Head<T> {
+    Request(T),
     /// Client went away or stayed idle: close quietly.
     Gone,
     Refuse(u16, &'static str),
 }
 
-async fn read_head<S: AsyncReadRent>(ctx: &ListenerCtx, client: &mut S, peer: SocketAddr, b: &mut Bufs) -> Head {
+/// Reads until `parse` accepts a whole request head (or refuses it). The
+/// first byte may take `client_idle`; the rest of the head must arrive
+/// within `client_header` of it (slowloris), and it may not exceed
+/// `max_header_bytes`.
+async fn read_head<S: AsyncReadRent, T>(
+    ctx: &ListenerCtx,
+    client: &mut S,
+    b: &mut Bufs,
+    mut parse: impl FnMut(&[u8], &mut Vec<u8>) -> Result<Option<T>, HeadError>,
+    head_len: impl Fn(&T) -> usize,
+) -> Head<T> {
     let limits = &ctx.limits;
     if b.cbuf.is_empty() {
         match timeout(ctx.timeouts.client_idle, read_more(client, &mut b.cbuf, limits.max_header_bytes + BUF_SIZE)).await {
@@ -88,12 +97,11 @@ async fn read_head<S: AsyncReadRent>(ctx: &ListenerCtx, client: &mut S, peer: So
             _ => return Head::Gone,
         }
     }
-    let rctx = RewriteCtx { client_ip: peer.ip(), proto: ctx.proto, max_headers: limits.max_headers, hash_key: ctx.hash_key.as_ref() };
     let deadline = Instant::now() + ctx.timeouts.client_header;
     loop {
         b.out.clear();
-        match codec::rewrite_request(&b.cbuf, &mut b.out, &rctx) {
-            Ok(Some(info)) if info.head_len > limits.max_header_bytes => return Head::Refuse(431, "request head too large"),
+        match parse(&b.cbuf, &mut b.out) {
+            Ok(Some(info)) if head_len(&info) > limits.max_header_bytes => return Head::Refuse(431, "request head too large"),
             Ok(Some(info)) => return Head::Request(info),
             Ok(None) if b.cbuf.len() >= limits.max_header_bytes => return Head::Refuse(431, "request head too large"),
             Ok(None) => match timeout_at(deadline, read_more(client, &mut b.cbuf, limits.max_header_bytes + BUF_SIZE)).await {
@@ -103,6 +111,24 @@ async fn read_head<S: AsyncReadRent>(ctx: &ListenerCtx, client: &mut S, peer: So
             },
             Err(e) => return Head::Refuse(e.status(), e.reason()),
         }
+    }
+}
+
+/// One exchange on a listener that only serves static files.
+async fn static_exchange<S: ClientStream>(ctx: &ListenerCtx, site: &StaticSite, client: &mut S, peer: SocketAddr, b: &mut Bufs) -> Step {
+    let max_headers = ctx.limits.max_headers;
+    let req = match read_head(ctx, client, b, |buf, _| static_files::parse(buf, max_headers), |r| r.head_len).await {
+        Head::Request(r) => r,
+        Head::Gone => return Step::Close,
+        Head::Refuse(status, why) => {
+            tracing::debug!(%peer, status, why, "request refused");
+            return reply(client, b, status, why, false).await;
+        }
+    };
+    b.cbuf.drain(..req.head_len);
+    match static_files::respond(site, client, &req, &mut b.out).await {
+        true => Step::KeepAlive,
+        false => Step::Close,
     }
 }
 
@@ -138,7 +164,7 @@ fn take_initial_body(info: &RequestInfo, b: &mut Bufs) -> Result<BodyLeft, &'sta
 async fn stream_request_body<S: AsyncReadRent>(
     ctx: &ListenerCtx,
     client: &mut S,
-    up: &mut TcpStream,
+    up: &mut UpstreamConn,
     b: &mut Bufs,
     mut left: BodyLeft,
 ) -> Result<(), ProxyError> {
@@ -180,7 +206,7 @@ async fn stream_request_body<S: AsyncReadRent>(
 
 /// Waits for the first bytes of the upstream's response. Failing here,
 /// with nothing received, is what makes a replayable request safe to retry.
-async fn first_response_bytes(ctx: &ListenerCtx, up: &mut TcpStream, b: &mut Bufs) -> Result<Instant, ProxyError> {
+async fn first_response_bytes(ctx: &ListenerCtx, up: &mut UpstreamConn, b: &mut Bufs) -> Result<Instant, ProxyError> {
     let deadline = Instant::now() + ctx.timeouts.upstream_response;
     match timeout_at(deadline, read_more(up, &mut b.ubuf, MAX_RESPONSE_HEAD + BUF_SIZE)).await {
         Ok(Ok(n)) if n > 0 => Ok(deadline),
@@ -191,7 +217,7 @@ async fn first_response_bytes(ctx: &ListenerCtx, up: &mut TcpStream, b: &mut Buf
 }
 
 /// Reads more of a response head that is not complete yet.
-async fn more_response_head(up: &mut TcpStream, b: &mut Bufs, deadline: Instant) -> Result<(), ProxyError> {
+async fn more_response_head(up: &mut UpstreamConn, b: &mut Bufs, deadline: Instant) -> Result<(), ProxyError> {
     if b.ubuf.len() > MAX_RESPONSE_HEAD {
         return Err(ProxyError::new(Side::Upstream, false, "response head too large"));
     }
@@ -204,17 +230,35 @@ async fn more_response_head(up: &mut TcpStream, b: &mut Bufs, deadline: Instant)
 }
 
 /// One request/response exchange on a client connection.
-async fn exchange<S>(ctx: &ListenerCtx, client: &mut S, peer: SocketAddr, b: &mut Bufs) -> Step
-where
-    S: AsyncReadRent + AsyncWriteRent,
-{
-    let info = match read_head(ctx, client, peer, b).await {
+async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: SocketAddr, b: &mut Bufs) -> Step {
+    if let (Some(Target::Static(site)), true) = (&ctx.default, ctx.routes.is_empty()) {
+        return static_exchange(ctx, site, client, peer, b).await;
+    }
+    let rctx = RewriteCtx { client_ip: peer.ip(), proto: ctx.proto, max_headers: ctx.limits.max_headers, hash_key: ctx.hash_key.as_ref() };
+    let info = match read_head(ctx, client, b, |buf, out| codec::rewrite_request(buf, out, &rctx), |i| i.head_len).await {
         Head::Request(info) => info,
         Head::Gone => return Step::Close,
         Head::Refuse(status, why) => {
             tracing::debug!(%peer, status, why, "request refused");
             return reply(client, b, status, why, false).await;
         }
+    };
+    let up = match ctx.route(&b.cbuf[info.target.0..info.target.1]) {
+        Some(Target::Upstreams(up)) => up,
+        Some(Target::Static(site)) => {
+            // A static route on a proxying listener: the head was validated
+            // by the proxy parser; read what a static answer needs from it.
+            let req = match static_files::parse(&b.cbuf[..info.head_len], ctx.limits.max_headers) {
+                Ok(Some(r)) => r,
+                _ => return reply(client, b, 400, "malformed request", false).await,
+            };
+            b.cbuf.drain(..info.head_len);
+            return match static_files::respond(site, client, &req, &mut b.out).await {
+                true => Step::KeepAlive,
+                false => Step::Close,
+            };
+        }
+        None => return reply(client, b, 503, "no route for this path", false).await,
     };
     let left = match take_initial_body(&info, b) {
         Ok(l) => l,
@@ -227,16 +271,14 @@ where
             return Step::Close;
         }
     }
-    let Some(group) = ctx.group.as_deref() else {
-        return reply(client, b, 503, "listener has no upstreams", false).await;
-    };
+    let group = &*up.group;
     let mut left = Some(left);
     let mut excluded = 0u64;
     let mut use_pool = true;
     let mut tries = 0;
     loop {
         tries += 1;
-        let mut c = match upstream::connect(ctx, info.hash, &mut excluded, use_pool).await {
+        let mut c = match upstream::connect(ctx, up, info.hash, &mut excluded, use_pool).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "no upstream");
@@ -282,10 +324,7 @@ where
 }
 
 /// Sends the response whose head is in `ubuf` to the client, then the body.
-async fn respond<S>(ctx: &ListenerCtx, client: &mut S, mut c: upstream::Connected, b: &mut Bufs, req: &RequestInfo, deadline: Instant) -> Step
-where
-    S: AsyncReadRent + AsyncWriteRent,
-{
+async fn respond<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, mut c: upstream::Connected, b: &mut Bufs, req: &RequestInfo, deadline: Instant) -> Step {
     let rctx = ResponseCtx { client_http11: req.http11, client_keep_alive: req.keep_alive, request_is_head: req.is_head, request_upgrade: req.upgrade };
     // Interim (1xx) responses are relayed, then the final one is read.
     let (res, client_keep) = loop {
@@ -419,7 +458,7 @@ where
         }
     };
     if ok && upstream_clean {
-        ctx.pool.put(c.addr, c.conn);
+        ctx.pool.put(c.addr, c.tls, c.conn);
     }
     if ok && client_keep {
         Step::KeepAlive
@@ -429,11 +468,8 @@ where
 }
 
 /// After `101 Switching Protocols`: a byte pipe both ways until both close.
-async fn tunnel<S>(ctx: &ListenerCtx, mut client: S, mut up: TcpStream, client_fd: RawFd, mut b: Bufs)
-where
-    S: AsyncReadRent + AsyncWriteRent + Split + 'static,
-{
-    let up_fd = up.as_raw_fd();
+async fn tunnel<S: ClientStream>(ctx: &ListenerCtx, mut client: S, mut up: UpstreamConn, client_fd: RawFd, mut b: Bufs) {
+    let up_fd = up.raw_fd();
     // Bytes that arrived with the heads belong to the new protocol.
     let early_ok = write_vec(&mut client, &mut b.ubuf).await.is_ok() && write_vec(&mut up, &mut b.cbuf).await.is_ok();
     give_buf(b.cbuf);

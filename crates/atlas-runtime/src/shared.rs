@@ -1,0 +1,64 @@
+//! State built once at start-up and shared read-only by every worker:
+//! upstream groups (with their in-flight tables), TLS server configs per
+//! listener and TLS client configs per upstream. Building it is also what
+//! `--check` runs beyond parsing, so a certificate that does not match its
+//! key is caught before anything listens.
+
+use std::sync::Arc;
+
+use atlas_balance::GroupShared;
+use atlas_config::{Config, Mode};
+use atlas_proxy::tls::{ClientTls, ServerTls};
+
+pub struct Shared {
+    pub groups: Vec<Arc<GroupShared>>,
+    /// Per group, per upstream: TLS to that upstream.
+    pub group_tls: Vec<Arc<Vec<Option<ClientTls>>>>,
+    /// Per listener: TLS termination.
+    pub server_tls: Vec<Option<Arc<ServerTls>>>,
+}
+
+impl Shared {
+    pub fn build(cfg: &Config) -> Result<Shared, Vec<String>> {
+        let mut errors = Vec::new();
+        let groups = cfg.groups.iter().map(|g| Arc::new(GroupShared::new(g, cfg.workers))).collect();
+        let group_tls = cfg
+            .groups
+            .iter()
+            .map(|g| {
+                Arc::new(
+                    g.upstreams
+                        .iter()
+                        .map(|u| {
+                            u.tls.as_ref().and_then(|t| match ClientTls::new(t, &u.name) {
+                                Ok(c) => Some(c),
+                                Err(e) => {
+                                    errors.push(e);
+                                    None
+                                }
+                            })
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        let server_tls = cfg
+            .listeners
+            .iter()
+            .map(|l| {
+                l.tls.as_ref().and_then(|t| match ServerTls::new(t, matches!(l.mode, Mode::Http | Mode::Static | Mode::Game)) {
+                    Ok(s) => Some(Arc::new(s)),
+                    Err(e) => {
+                        errors.push(e);
+                        None
+                    }
+                })
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(Shared { groups, group_tls, server_tls })
+        } else {
+            Err(errors)
+        }
+    }
+}
