@@ -33,6 +33,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -221,13 +222,22 @@ def cpu_busy(before, after, cpu):
 # --------------------------------------------------------------------------
 # HTTP helpers / wrk
 
-def http_get(port, timeout=2.0):
+def http_get(port, timeout=2.0, scheme="http", path="/bench"):
     """Minimal HTTP/1.1 GET with Connection: close; returns (status, body_len)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"GET /bench HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        s = raw
+        if scheme == "https":
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            s = ctx.wrap_socket(raw, server_hostname="localhost")
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
         buf = b""
         while True:
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except ssl.SSLError:
+                break
             if not chunk:
                 break
             buf += chunk
@@ -241,13 +251,13 @@ def http_get(port, timeout=2.0):
     return int(m.group(1)), len(body)
 
 
-def wait_ready(name, port, procs, expect_len, timeout=15.0):
+def wait_ready(name, port, procs, expect_len, timeout=15.0, scheme="http", path="/bench"):
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
         procs.check_alive()
         try:
-            status, blen = http_get(port)
+            status, blen = http_get(port, scheme=scheme, path=path)
             if status == 200 and blen in (expect_len, -1):
                 return
             last = f"status {status}, body {blen} bytes (want 200, {expect_len})"
@@ -293,11 +303,11 @@ def parse_wrk(out):
     return r
 
 
-def run_wrk(cfg, port, conns, duration, latency=True):
+def run_wrk(cfg, port, conns, duration, latency=True, scheme="http", path="/bench"):
     argv = ["taskset", "-c", cfg["load_cpu"], cfg["wrk"], "-t1", f"-c{conns}", f"-d{duration}s"]
     if latency:
         argv.append("--latency")
-    argv.append(f"http://127.0.0.1:{port}/")
+    argv.append(f"{scheme}://127.0.0.1:{port}{path}")
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, preexec_fn=_set_pdeathsig)
     try:
@@ -367,9 +377,9 @@ def start_nginx(cfg, procs, name, template, cpu, **vals):
                               "-e", os.path.join(tmp, f"{name}-error.log"), "-c", conf])
 
 
-def start_haproxy(cfg, procs, name, cpu, **vals):
+def start_haproxy(cfg, procs, name, cpu, template="haproxy.cfg", **vals):
     tmp = cfg["tmp"]
-    conf = render("haproxy.cfg", os.path.join(tmp, f"{name}.cfg"), TMP=tmp, **vals)
+    conf = render(template, os.path.join(tmp, f"{name}.cfg"), TMP=tmp, **vals)
     haproxy = which("haproxy")
     test = subprocess.run([haproxy, "-c", "-q", "-f", conf], capture_output=True, text=True)
     if test.returncode != 0:
@@ -440,8 +450,98 @@ def make_proxy_scenario(body_size, description):
     return setup
 
 
+def write_atlas_conf(cfg, name, text):
+    conf = os.path.join(cfg["tmp"], f"{name}.toml")
+    driver = os.environ.get("ATLAS_DRIVER", "").strip()
+    if driver:
+        text += f'\n[runtime]\ndriver = "{driver}"\n'
+    with open(conf, "w") as f:
+        f.write(text)
+    return conf
+
+
+def start_atlas_conf(cfg, procs, name, text):
+    bin_ = cfg["atlas_bin"]
+    if not (os.path.isfile(bin_) and os.access(bin_, os.X_OK)):
+        raise BenchError(f"Atlas binary {bin_} not found; build it (cargo build --release -p atlas)")
+    return procs.start(name, ["taskset", "-c", cfg["proxy_cpu"], bin_, write_atlas_conf(cfg, name, text)])
+
+
+def make_cert(cfg):
+    """Self-signed ECDSA P-256 certificate for localhost (openssl CLI)."""
+    cert, key = os.path.join(cfg["tmp"], "cert.pem"), os.path.join(cfg["tmp"], "key.pem")
+    if not os.path.exists(cert):
+        r = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                            "-addext", "subjectAltName=DNS:localhost"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BenchError(f"openssl failed: {r.stderr}")
+        with open(os.path.join(cfg["tmp"], "combined.pem"), "w") as f:
+            f.write(open(cert).read() + open(key).read())
+    return cert, key
+
+
+def setup_static(cfg, procs):
+    """Atlas static mode vs nginx serving the same 1 KiB file (no backend)."""
+    root = os.path.join(cfg["tmp"], "www")
+    os.makedirs(root, exist_ok=True)
+    # nginx workers run unprivileged: the (0700) temp dir must be traversable.
+    os.chmod(cfg["tmp"], 0o755)
+    os.chmod(root, 0o755)
+    with open(os.path.join(root, "bench"), "wb") as f:
+        f.write(b"0123456789abcdef" * 64)
+    targets = []
+    if "atlas" in cfg["proxies"]:
+        port = PROXY_PORTS["atlas"]
+        text = (f'[listen]\naddress = "127.0.0.1"\nport = {port}\nmode = "static"\nworkers = 1\n'
+                f'root = "{root}"\n')
+        targets.append(("atlas", port, start_atlas_conf(cfg, procs, "atlas-static", text)))
+    if "nginx" in cfg["proxies"]:
+        port = PROXY_PORTS["nginx"]
+        targets.append(("nginx", port, start_nginx(cfg, procs, "nginx-static", "nginx-static.conf",
+                                                   cfg["proxy_cpu"], PORT=port, ROOT=root)))
+    return {"description": "static 1 KiB file, keep-alive, GET (HAProxy serves no files)", "targets": targets,
+            "backend": None, "body_size": 1024}
+
+
+def setup_tls_proxy(cfg, procs):
+    """TLS-terminating reverse proxies in front of the plain backend, each beside
+    its own plain-HTTP twin so the TLS overhead is measured in the same run."""
+    cert, key = make_cert(cfg)
+    body_size = 1024
+    body = ("0123456789abcdef" * (body_size // 16 + 1))[:body_size]
+    backend = start_nginx(cfg, procs, "backend", "nginx-backend.conf", cfg["load_cpu"],
+                          PORT=BACKEND_PORT, WORKERS=env_int("BACKEND_WORKERS", 1), BODY=body, BODY_SIZE=body_size)
+    wait_ready("backend", BACKEND_PORT, procs, body_size)
+    targets, pairs = [], []
+    if "atlas" in cfg["proxies"]:
+        up = f'\n[[upstreams]]\naddress = "127.0.0.1"\nport = {BACKEND_PORT}\n'
+
+        def listen(port):
+            return f'[listen]\naddress = "127.0.0.1"\nport = {port}\nmode = "http"\nworkers = 1\n'
+        tls_text = listen(18090) + f'[listen.tls]\ncert = "{cert}"\nkey = "{key}"\n' + up
+        targets.append(("atlas", 18090, start_atlas_conf(cfg, procs, "atlas-tls", tls_text), "https"))
+        targets.append(("atlas-plain", 18091, start_atlas_conf(cfg, procs, "atlas-plain", listen(18091) + up)))
+        pairs.append(("atlas", "atlas-plain"))
+    if "nginx" in cfg["proxies"]:
+        targets.append(("nginx", 18092, start_nginx(cfg, procs, "nginx-tls", "nginx-tls-proxy.conf", cfg["proxy_cpu"],
+                                                    PORT=18092, PLAIN_PORT=18093, BACKEND_PORT=BACKEND_PORT,
+                                                    CERT=cert, KEY=key), "https"))
+        # The same nginx instance also listens in plain HTTP on 18093.
+        targets.append(("nginx-plain", 18093, targets[-1][2]))
+        pairs.append(("nginx", "nginx-plain"))
+    if "haproxy" in cfg["proxies"]:
+        targets.append(("haproxy", 18094, start_haproxy(cfg, procs, "haproxy-tls", cfg["proxy_cpu"], template="haproxy-tls.cfg",
+                                                        PORT=18094, BACKEND_PORT=BACKEND_PORT,
+                                                        PEM=os.path.join(cfg["tmp"], "combined.pem")), "https"))
+    return {"description": "TLS (ECDSA P-256, keep-alive) reverse proxy, 1 KiB body", "targets": targets,
+            "backend": backend, "body_size": body_size, "pairs": pairs}
+
+
 SCENARIOS = {
     "proxy": make_proxy_scenario(1024, "1 KiB response body, keep-alive, GET"),
+    "static": setup_static,
+    "tls-proxy": setup_tls_proxy,
 }
 
 
@@ -449,26 +549,28 @@ def run_scenario(sname, cfg):
     procs = Procs(cfg["tmp"])
     try:
         sc = SCENARIOS[sname](cfg, procs)
-        targets = sc["targets"]
+        # (name, port, Popen[, scheme]) -> (name, port, Popen, scheme)
+        targets = [t if len(t) == 4 else (*t, "http") for t in sc["targets"]]
+        path = sc.get("path", "/bench")
         if not targets:
             raise BenchError("no proxies selected")
-        for name, port, _ in targets:
-            wait_ready(name, port, procs, sc["body_size"])
+        for name, port, _, scheme in targets:
+            wait_ready(name, port, procs, sc["body_size"], scheme=scheme, path=path)
         if cfg["warmup"] > 0:
-            for name, port, _ in targets:
+            for name, port, _, scheme in targets:
                 log(f"[{sname}] warm-up {name} ({cfg['warmup']}s, c={max(cfg['conns'])})")
-                run_wrk(cfg, port, max(cfg["conns"]), cfg["warmup"], latency=False)
+                run_wrk(cfg, port, max(cfg["conns"]), cfg["warmup"], latency=False, scheme=scheme, path=path)
         procs.check_alive()
 
         runs = []
         for rep in range(1, cfg["repeats"] + 1):
             for conns in cfg["conns"]:
-                for name, port, proc in targets:
+                for name, port, proc, scheme in targets:
                     time.sleep(0.3)
                     t0, pids = cpu_ticks(proc.pid)
                     b0 = cpu_ticks(sc["backend"].pid)[0] if sc["backend"] else 0
                     c0 = cpu_times()
-                    out = run_wrk(cfg, port, conns, cfg["duration"])
+                    out = run_wrk(cfg, port, conns, cfg["duration"], scheme=scheme, path=path)
                     c1 = cpu_times()
                     t1, pids1 = cpu_ticks(proc.pid)
                     b1 = cpu_ticks(sc["backend"].pid)[0] if sc["backend"] else 0
@@ -492,7 +594,7 @@ def run_scenario(sname, cfg):
                         f"load-cpu busy {pct(r['load_cpu_busy'])}  "
                         f"p50 {fmt_lat(r['p50_us'])}  p99 {fmt_lat(r['p99_us'])}  errors {r['errors']}  "
                         f"pids {r['proxy_pids']}")
-        return {"scenario": sname, "description": sc["description"],
+        return {"scenario": sname, "description": sc["description"], "pairs": sc.get("pairs", []),
                 "proxies": [t[0] for t in targets], "runs": runs,
                 "summary": summarize(runs, [t[0] for t in targets], cfg["conns"])}
     except BenchError:
@@ -584,6 +686,12 @@ def print_table(res, cfg):
         print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    for tls_name, plain_name in res.get("pairs", []):
+        for conns, rows in res["summary"].items():
+            t, p = rows.get(tls_name), rows.get(plain_name)
+            if t and p and p["rps_median"] and p["cpu_us_per_req_median"]:
+                print(f"  TLS overhead {tls_name} c={conns}: req/s {100 * (1 - t['rps_median'] / p['rps_median']):+.1f}% lower, "
+                      f"CPU/request {100 * (t['cpu_us_per_req_median'] / p['cpu_us_per_req_median'] - 1):+.1f}% higher than {plain_name}")
     print("  req/s, cpu%, load%, us/req, p50, p99: medians over repeats. cpu% = proxy CPU time / wall "
           "time;\n  load% = how busy the wrk+backend CPU was (near 100 => req/s is capped by the load "
           "side, not the proxy);\n  us/req = proxy CPU time (user+sys, all its processes) per completed "

@@ -296,8 +296,9 @@ thread_local! {
     static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
 }
 
-/// The current `Date` header value, formatted once per second per thread.
-pub fn http_date_now() -> String {
+/// Runs `f` with the current `Date` header value, formatted once per
+/// second per thread.
+pub fn with_http_date<R>(f: impl FnOnce(&str) -> R) -> R {
     let now = SystemTime::now();
     let secs = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     DATE.with(|d| {
@@ -305,7 +306,7 @@ pub fn http_date_now() -> String {
         if d.0 != secs || d.1.is_empty() {
             *d = (secs, httpdate::fmt_http_date(now));
         }
-        d.1.clone()
+        f(&d.1)
     })
 }
 

@@ -11,6 +11,7 @@
 pub mod fs;
 
 use std::cell::RefCell;
+use std::io::Write;
 use std::rc::Rc;
 use std::time::SystemTime;
 
@@ -55,8 +56,15 @@ pub enum Method {
 
 /// Parses a request head for a static response. `Ok(None)`: incomplete.
 pub fn parse(buf: &[u8], max_headers: usize) -> Result<Option<StaticReq>, HeadError> {
-    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut req = httparse::Request::new(&mut headers);
+    let mut stack = [httparse::EMPTY_HEADER; 128];
+    let mut heap;
+    let headers: &mut [httparse::Header<'_>] = if max_headers <= stack.len() {
+        &mut stack[..max_headers]
+    } else {
+        heap = vec![httparse::EMPTY_HEADER; max_headers];
+        &mut heap
+    };
+    let mut req = httparse::Request::new(headers);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -78,21 +86,22 @@ pub fn parse(buf: &[u8], max_headers: usize) -> Result<Option<StaticReq>, HeadEr
     let (mut close, mut ka, mut hosts) = (false, false, 0);
     for h in req.headers.iter() {
         let v = || String::from_utf8_lossy(h.value).trim().to_string();
-        match h.name.to_ascii_lowercase().as_str() {
-            "connection" => {
+        let is = |n: &str| h.name.eq_ignore_ascii_case(n);
+        match () {
+            _ if is("connection") => {
                 for t in h.value.split(|&c| c == b',') {
                     let t = String::from_utf8_lossy(t).trim().to_ascii_lowercase();
                     close |= t == "close";
                     ka |= t == "keep-alive";
                 }
             }
-            "host" => hosts += 1,
-            "content-length" => r.has_body |= codec::parse_content_length(h.value).is_none_or(|n| n > 0),
-            "transfer-encoding" => r.has_body = true,
-            "if-none-match" => r.if_none_match = Some(v()),
-            "if-modified-since" => r.if_modified_since = Some(v()),
-            "range" => r.range = Some(v()),
-            "if-range" => r.if_range = Some(v()),
+            _ if is("host") => hosts += 1,
+            _ if is("content-length") => r.has_body |= codec::parse_content_length(h.value).is_none_or(|n| n > 0),
+            _ if is("transfer-encoding") => r.has_body = true,
+            _ if is("if-none-match") => r.if_none_match = Some(v()),
+            _ if is("if-modified-since") => r.if_modified_since = Some(v()),
+            _ if is("range") => r.range = Some(v()),
+            _ if is("if-range") => r.if_range = Some(v()),
             _ => {}
         }
     }
@@ -184,7 +193,7 @@ fn status_line(out: &mut Vec<u8>, status: &str) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_bytes());
     out.extend_from_slice(b"\r\nServer: atlas\r\nDate: ");
-    out.extend_from_slice(fs::http_date_now().as_bytes());
+    fs::with_http_date(|d| out.extend_from_slice(d.as_bytes()));
     out.extend_from_slice(b"\r\n");
 }
 
@@ -262,20 +271,27 @@ pub async fn respond<S: ClientStream>(site: &StaticSite, client: &mut S, req: &S
             }
         },
     };
-    let (size, mtime, etag, headers) = match &body {
-        Body::Cached(c) => (c.size, c.mtime, c.etag.clone(), None),
+    let file_meta = match &body {
+        Body::Cached(_) => None,
         Body::File(f) => {
             let etag = fs::etag(f.mtime, f.size);
             let h = fs::entity_headers(&f.rel, f.mtime, &etag);
-            (f.size, f.mtime, etag, Some(h))
+            Some((etag, h))
         }
     };
-    let entity = |out: &mut Vec<u8>| match (&body, &headers) {
+    let (size, mtime, etag, headers): (u64, SystemTime, &str, Option<&str>) = match &body {
+        Body::Cached(c) => (c.size, c.mtime, &c.etag, None),
+        Body::File(f) => {
+            let (e, h) = file_meta.as_ref().map(|(e, h)| (e.as_str(), Some(h.as_str()))).unwrap_or(("", None));
+            (f.size, f.mtime, e, h)
+        }
+    };
+    let entity = |out: &mut Vec<u8>| match (&body, headers) {
         (Body::Cached(c), _) => out.extend_from_slice(c.headers.as_bytes()),
         (_, Some(h)) => out.extend_from_slice(h.as_bytes()),
         _ => {}
     };
-    if not_modified(req, &etag, mtime) {
+    if not_modified(req, etag, mtime) {
         status_line(out, "304 Not Modified");
         out.extend_from_slice(format!("ETag: {etag}\r\nLast-Modified: {}\r\n", httpdate::fmt_http_date(mtime)).as_bytes());
         connection_header(out, req);
@@ -284,7 +300,7 @@ pub async fn respond<S: ClientStream>(site: &StaticSite, client: &mut S, req: &S
     }
     let range = match (&req.range, &req.if_range) {
         (Some(_), Some(ir)) if ir.starts_with('"') || ir.starts_with("W/") => {
-            if etag_matches(ir, &etag) {
+            if etag_matches(ir, etag) {
                 parse_range(req.range.as_deref().unwrap_or(""), size)
             } else {
                 RangeReq::Full
@@ -300,7 +316,7 @@ pub async fn respond<S: ClientStream>(site: &StaticSite, client: &mut S, req: &S
     let (start, len) = match range {
         RangeReq::Full => {
             status_line(out, "200 OK");
-            out.extend_from_slice(format!("Content-Length: {size}\r\n").as_bytes());
+            let _ = write!(out, "Content-Length: {size}\r\n");
             (0, size)
         }
         RangeReq::Part(a, b) => {
