@@ -200,7 +200,7 @@ async fn serve_tls(ctx: Rc<ListenerCtx>, acceptor: TlsAcceptor, stream: TcpStrea
 async fn not_yet(mut stream: TcpStream) {
     let mut buf = atlas_proxy::io::take_buf();
     let _ = monoio::time::timeout(Duration::from_secs(5), read_more(&mut stream, &mut buf, 16 * 1024)).await;
-    let mut resp = simple_response(503, "Service Unavailable", "the game gateway is not implemented in this build yet\n", false);
+    let mut resp = simple_response(503, "the game gateway is not implemented in this build yet", false, false, "");
     let _ = write_vec(&mut stream, &mut resp).await;
     atlas_proxy::io::give_buf(buf);
 }

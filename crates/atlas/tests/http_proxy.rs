@@ -498,6 +498,20 @@ fn refused_upstream_gives_502_with_a_body() {
 }
 
 #[test]
+fn error_reply_to_head_has_no_body_and_keeps_the_connection_in_step() {
+    let atlas = Atlas::start(&http_config(&[refused_addr()], ""));
+    let mut c = Client::connect(atlas.addr());
+    c.send(b"HEAD /x HTTP/1.1\r\nHost: h\r\n\r\n");
+    let r = c.read_head_response();
+    assert_eq!(r.status, 502, "{}", r.head);
+    assert_ne!(r.header("content-length"), Some("0"), "Content-Length says how long the body would be");
+    // If a body had been sent anyway, this next response would be misread.
+    let r = c.get("/y");
+    assert_eq!(r.status, 502, "{}", r.head);
+    assert!(r.head.starts_with("HTTP/1.1 502"), "{}", r.head);
+}
+
+#[test]
 fn silent_upstream_gives_504_after_upstream_response_timeout() {
     let be = Backend::raw(|mut s| {
         let mut buf = Vec::new();

@@ -517,21 +517,54 @@ pub fn rewrite_response(buf: &[u8], out: &mut Vec<u8>, ctx: &ResponseCtx) -> Res
     Ok(Some((ResponseInfo { head_len, status, body, upstream_keep_alive }, client_keep)))
 }
 
-/// A short response Atlas generates itself (errors).
-pub fn simple_response(status: u16, reason: &str, body: &str, keep_alive: bool) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: {}\r\nServer: atlas\r\n\r\n{body}",
-        body.len(),
+/// A short plain-text response Atlas generates itself (errors, redirects):
+/// `msg` plus a newline as the body, which a HEAD request does not get
+/// (its `Content-Length` still says how long the body would be).
+/// `extra_headers` are whole `Name: value\r\n` lines.
+pub fn simple_response(status: u16, msg: &str, keep_alive: bool, head_only: bool, extra_headers: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = Vec::with_capacity(160 + msg.len());
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nServer: atlas\r\nDate: {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: {}\r\n{extra_headers}\r\n",
+        status_reason(status),
+        with_http_date(str::to_owned),
+        msg.len() + 1,
         if keep_alive { "keep-alive" } else { "close" }
-    )
-    .into_bytes()
+    );
+    if !head_only {
+        out.extend_from_slice(msg.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+thread_local! {
+    static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+}
+
+/// Runs `f` with the current `Date` header value, formatted once per
+/// second per thread.
+pub fn with_http_date<R>(f: impl FnOnce(&str) -> R) -> R {
+    let now = std::time::SystemTime::now();
+    let secs = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs || d.1.is_empty() {
+            *d = (secs, httpdate::fmt_http_date(now));
+        }
+        f(&d.1)
+    })
 }
 
 pub fn status_reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        301 => "Moved Permanently",
+        304 => "Not Modified",
         404 => "Not Found",
+        405 => "Method Not Allowed",
         408 => "Request Timeout",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",

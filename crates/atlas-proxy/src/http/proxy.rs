@@ -63,9 +63,9 @@ pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, mut client: S, peer: S
     give_buf(b.out);
 }
 
-async fn reply<S: AsyncWriteRent>(client: &mut S, b: &mut Bufs, status: u16, msg: &str, keep_alive: bool) -> Step {
-    b.out.clear();
-    b.out.extend_from_slice(&codec::simple_response(status, codec::status_reason(status), &format!("{msg}\n"), keep_alive));
+/// Sends a short response of Atlas' own; `head`: the request was HEAD.
+async fn reply<S: AsyncWriteRent>(client: &mut S, b: &mut Bufs, status: u16, msg: &str, keep_alive: bool, head: bool) -> Step {
+    b.out = codec::simple_response(status, msg, keep_alive, head, "");
     match write_vec(client, &mut b.out).await {
         Ok(()) if keep_alive => Step::KeepAlive,
         _ => Step::Close,
@@ -122,7 +122,7 @@ async fn static_exchange<S: ClientStream>(ctx: &ListenerCtx, site: &StaticSite, 
         Head::Gone => return Step::Close,
         Head::Refuse(status, why) => {
             tracing::debug!(%peer, status, why, "request refused");
-            return reply(client, b, status, why, false).await;
+            return reply(client, b, status, why, false, false).await;
         }
     };
     b.cbuf.drain(..req.head_len);
@@ -240,7 +240,7 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
         Head::Gone => return Step::Close,
         Head::Refuse(status, why) => {
             tracing::debug!(%peer, status, why, "request refused");
-            return reply(client, b, status, why, false).await;
+            return reply(client, b, status, why, false, false).await;
         }
     };
     let up = match ctx.route(&b.cbuf[info.target.0..info.target.1]) {
@@ -250,7 +250,7 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
             // by the proxy parser; read what a static answer needs from it.
             let req = match static_files::parse(&b.cbuf[..info.head_len], ctx.limits.max_headers) {
                 Ok(Some(r)) => r,
-                _ => return reply(client, b, 400, "malformed request", false).await,
+                _ => return reply(client, b, 400, "malformed request", false, info.is_head).await,
             };
             b.cbuf.drain(..info.head_len);
             return match static_files::respond(site, client, &req, &mut b.out).await {
@@ -258,11 +258,11 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
                 false => Step::Close,
             };
         }
-        None => return reply(client, b, 503, "no route for this path", false).await,
+        None => return reply(client, b, 503, "no route for this path", false, info.is_head).await,
     };
     let left = match take_initial_body(&info, b) {
         Ok(l) => l,
-        Err(why) => return reply(client, b, 400, why, false).await,
+        Err(why) => return reply(client, b, 400, why, false, info.is_head).await,
     };
     let replayable = matches!(left, BodyLeft::Done);
     if info.expect_continue && !replayable {
@@ -284,7 +284,7 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
                 tracing::debug!(%peer, error = %e, "no upstream");
                 let keep = replayable && info.keep_alive;
                 let msg = if e.side == Side::Config { "no upstream available" } else { "upstream unavailable" };
-                return reply(client, b, e.status(), msg, keep).await;
+                return reply(client, b, e.status(), msg, keep, info.is_head).await;
             }
         };
         let _inflight = InflightGuard::new(group, ctx.worker, c.idx);
@@ -317,7 +317,7 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
                 crate::log_limited(|| tracing::warn!(%peer, upstream = %group.names[c.idx], error = %e, "request failed"));
                 let keep = info.keep_alive && replayable;
                 let msg = if e.status() == 504 { "upstream timed out" } else { "upstream failed" };
-                return reply(client, b, e.status(), msg, keep).await;
+                return reply(client, b, e.status(), msg, keep, info.is_head).await;
             }
         }
     }
@@ -347,12 +347,12 @@ async fn respond<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, mut c: upst
             Ok(None) => {
                 if let Err(e) = more_response_head(&mut c.conn, b, deadline).await {
                     crate::log_limited(|| tracing::warn!(upstream = %c.addr, error = %e, "response head failed"));
-                    return reply(client, b, e.status(), "upstream failed", false).await;
+                    return reply(client, b, e.status(), "upstream failed", false, req.is_head).await;
                 }
             }
             Err(why) => {
                 crate::log_limited(|| tracing::warn!(upstream = %c.addr, why, "malformed upstream response"));
-                return reply(client, b, 502, "invalid upstream response", false).await;
+                return reply(client, b, 502, "invalid upstream response", false, req.is_head).await;
             }
         }
     };

@@ -9,7 +9,6 @@
 //! On kernels without openat2 (before 5.6) the opened file's real path is
 //! checked against the root instead.
 
-use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
 use std::fs::File;
@@ -181,7 +180,8 @@ pub fn open(root: &Root, rel: &str, trailing_slash: bool, index: &str) -> Result
         }
         return Ok(Opened { file, size: meta.len(), mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), ino: meta.ino(), rel: with_index });
     }
-    if !meta.is_file() {
+    // `/file.txt/` names a directory that does not exist (ENOTDIR), as nginx says.
+    if !meta.is_file() || trailing_slash {
         return Err(Refusal::NotFound);
     }
     Ok(Opened { file, size: meta.len(), mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), ino: meta.ino(), rel: rel.to_string() })
@@ -290,24 +290,6 @@ impl FileCache {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
-}
-
-thread_local! {
-    static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
-}
-
-/// Runs `f` with the current `Date` header value, formatted once per
-/// second per thread.
-pub fn with_http_date<R>(f: impl FnOnce(&str) -> R) -> R {
-    let now = SystemTime::now();
-    let secs = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    DATE.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.0 != secs || d.1.is_empty() {
-            *d = (secs, httpdate::fmt_http_date(now));
-        }
-        f(&d.1)
-    })
 }
 
 #[cfg(test)]

@@ -193,7 +193,7 @@ fn status_line(out: &mut Vec<u8>, status: &str) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_bytes());
     out.extend_from_slice(b"\r\nServer: atlas\r\nDate: ");
-    fs::with_http_date(|d| out.extend_from_slice(d.as_bytes()));
+    codec::with_http_date(|d| out.extend_from_slice(d.as_bytes()));
     out.extend_from_slice(b"\r\n");
 }
 
@@ -206,13 +206,12 @@ enum Body {
 /// connection may stay open.
 pub async fn respond<S: ClientStream>(site: &StaticSite, client: &mut S, req: &StaticReq, out: &mut Vec<u8>) -> bool {
     out.clear();
-    let simple = |status: u16, msg: &str, keep: bool| codec::simple_response(status, codec::status_reason(status), &format!("{msg}\n"), keep);
+    let head = req.method == Method::Head;
+    let simple = |status: u16, msg: &str, keep: bool| codec::simple_response(status, msg, keep, head, "");
     if req.method == Method::Other {
-        let mut r = simple(405, "only GET and HEAD are allowed here", req.keep_alive && !req.has_body);
-        let at = r.len() - "only GET and HEAD are allowed here\n".len() - 2;
-        r.splice(at..at, b"Allow: GET, HEAD\r\n".iter().copied());
-        *out = r;
-        return write_vec(client, out).await.is_ok() && req.keep_alive && !req.has_body;
+        let keep = req.keep_alive && !req.has_body;
+        *out = codec::simple_response(405, "only GET and HEAD are allowed here", keep, false, "Allow: GET, HEAD\r\n");
+        return write_vec(client, out).await.is_ok() && keep;
     }
     if req.has_body {
         *out = simple(400, "a request body is not allowed here", false);
