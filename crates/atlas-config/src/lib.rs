@@ -296,7 +296,7 @@ pub struct Pool {
 
 impl Default for Pool {
     fn default() -> Self {
-        Pool { max_idle_per_upstream: 256, idle_timeout: Duration::from_secs(30) }
+        Pool { max_idle_per_upstream: 1024, idle_timeout: Duration::from_secs(30) }
     }
 }
 

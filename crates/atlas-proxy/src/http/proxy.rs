@@ -47,8 +47,23 @@ enum Step {
 /// Serves one client connection until it closes. `client_fd` is the
 /// underlying socket, used to wake a tunnel when its other half fails.
 pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, mut client: S, peer: SocketAddr, client_fd: RawFd) {
-    let mut b = Bufs { cbuf: take_buf(), ubuf: take_buf(), out: take_buf() };
+    let mut b = Bufs { cbuf: take_buf(), ubuf: Vec::new(), out: Vec::new() };
     loop {
+        if b.cbuf.is_empty() {
+            // Idle keep-alive: hand the scratch buffers back to the worker's
+            // pool while waiting, so with many mostly-idle connections the
+            // buffers in use stay few and warm in cache.
+            give_buf(std::mem::take(&mut b.ubuf));
+            give_buf(std::mem::take(&mut b.out));
+            match timeout(ctx.timeouts.client_idle, read_more(&mut client, &mut b.cbuf, ctx.limits.max_header_bytes + BUF_SIZE)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => break,
+            }
+        }
+        if b.out.capacity() == 0 {
+            b.ubuf = take_buf();
+            b.out = take_buf();
+        }
         match exchange(&ctx, &mut client, peer, &mut b).await {
             Step::KeepAlive => continue,
             Step::Close => break,
