@@ -1,0 +1,221 @@
+//! Graceful drain, per worker: a signal that stops accept loops and wakes
+//! idle keep-alive connections, and a count of live connections the worker
+//! waits on before it exits.
+//!
+//! Everything here is thread-local (one worker = one thread): no lock and no
+//! atomic on the per-request path. Waits use monoio's cancelable operations
+//! where the stream has them (accept, plain TCP reads), so a connection (or
+//! a request) that arrives at the very moment of the drain is still
+//! delivered and served rather than lost with a dropped operation.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use monoio::io::Canceller;
+
+/// Slots reused through a free list: O(1) insert and remove, so the
+/// per-request registration of an idle wait costs no hashing or scanning.
+struct Slab<T> {
+    slots: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab { slots: Vec::new(), free: Vec::new() }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, v: T) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(v);
+                i
+            }
+            None => {
+                self.slots.push(Some(v));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) -> Option<T> {
+        let v = self.slots.get_mut(i)?.take();
+        if v.is_some() {
+            self.free.push(i);
+        }
+        v
+    }
+
+    fn replace(&mut self, i: usize, v: T) {
+        if let Some(slot) = self.slots.get_mut(i) {
+            *slot = Some(v);
+        }
+    }
+
+    fn take_all(&mut self) -> Vec<T> {
+        self.free.clear();
+        self.slots.drain(..).flatten().collect()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    fired: Cell<bool>,
+    wakers: RefCell<Slab<Waker>>,
+    /// Operations to cancel when the drain starts.
+    cancellers: RefCell<Slab<Canceller>>,
+    /// Client connections open on this worker.
+    live: Cell<usize>,
+    /// Woken when `live` drops to zero while draining (only the worker's
+    /// own drain task waits here).
+    idle_wakers: RefCell<Vec<Waker>>,
+}
+
+/// A worker's drain state. Cheap to clone (an `Rc`).
+#[derive(Clone, Default)]
+pub struct Drain(Rc<Inner>);
+
+thread_local! {
+    static CURRENT: Drain = Drain::default();
+}
+
+impl Drain {
+    /// This worker thread's drain state.
+    pub fn current() -> Drain {
+        CURRENT.with(Drain::clone)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.fired.get()
+    }
+
+    /// Starts draining: cancels registered waits and wakes waiters.
+    pub fn start(&self) {
+        if self.0.fired.replace(true) {
+            return;
+        }
+        let cancellers = self.0.cancellers.borrow_mut().take_all();
+        for c in cancellers {
+            let _ = c.cancel();
+        }
+        let wakers = self.0.wakers.borrow_mut().take_all();
+        for w in wakers {
+            w.wake();
+        }
+        self.wake_if_idle();
+    }
+
+    /// Registers a canceller to fire when the drain starts; returns a guard
+    /// that unregisters it. If the drain already started it fires at once.
+    pub fn register(&self, c: Canceller) -> Registration {
+        if self.is_draining() {
+            let _ = c.cancel();
+            return Registration { drain: self.clone(), id: None };
+        }
+        let id = self.0.cancellers.borrow_mut().insert(c);
+        Registration { drain: self.clone(), id: Some(id) }
+    }
+
+    /// Resolves when the drain starts.
+    pub fn started(&self) -> Started {
+        Started { drain: self.clone(), slot: None }
+    }
+
+    /// Counts a client connection as live until the guard drops.
+    pub fn connection(&self) -> LiveGuard {
+        self.0.live.set(self.0.live.get() + 1);
+        LiveGuard(self.clone())
+    }
+
+    pub fn live(&self) -> usize {
+        self.0.live.get()
+    }
+
+    /// Resolves when draining and no connection is live.
+    pub fn idle(&self) -> Idle {
+        Idle(self.clone())
+    }
+
+    fn wake_if_idle(&self) {
+        if self.is_draining() && self.0.live.get() == 0 {
+            for w in self.0.idle_wakers.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+    }
+}
+
+pub struct Registration {
+    drain: Drain,
+    id: Option<usize>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.drain.0.cancellers.borrow_mut().remove(id);
+        }
+    }
+}
+
+pub struct LiveGuard(Drain);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        let inner = &self.0 .0;
+        inner.live.set(inner.live.get() - 1);
+        self.0.wake_if_idle();
+    }
+}
+
+pub struct Started {
+    drain: Drain,
+    slot: Option<usize>,
+}
+
+impl Future for Started {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.drain.is_draining() {
+            self.slot = None;
+            return Poll::Ready(());
+        }
+        let waker = cx.waker().clone();
+        match self.slot {
+            Some(i) => self.drain.0.wakers.borrow_mut().replace(i, waker),
+            None => {
+                let i = self.drain.0.wakers.borrow_mut().insert(waker);
+                self.slot = Some(i);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot.take() {
+            if !self.drain.is_draining() {
+                self.drain.0.wakers.borrow_mut().remove(i);
+            }
+        }
+    }
+}
+
+pub struct Idle(Drain);
+
+impl Future for Idle {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.is_draining() && self.0.live() == 0 {
+            return Poll::Ready(());
+        }
+        self.0 .0.idle_wakers.borrow_mut().push(cx.waker().clone());
+        Poll::Pending
+    }
+}
