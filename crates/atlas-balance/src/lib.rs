@@ -2,12 +2,14 @@
 //! least in-flight requests across the whole process, and consistent hash.
 //!
 //! Two halves:
-//! - [`GroupShared`] is built once per upstream group and shared by every
-//!   worker (`Arc`): the upstream list, the hash ring and the in-flight table.
-//!   The in-flight table has one cache line per worker; a worker only ever
-//!   *stores* into its own line (no read-modify-write, no lock, no line
-//!   bouncing on the write side), and `least_connections` sums all lines when
-//!   it picks. That is the only cross-thread memory a request touches.
+//! - [`GroupShared`] is built once per upstream group and configuration and
+//!   shared by every worker (`Arc`): the upstream list, the hash ring and the
+//!   in-flight counters. Each upstream's counter has one cache line per
+//!   worker; a worker only ever *stores* into its own line (no
+//!   read-modify-write, no lock, no line bouncing on the write side), and
+//!   `least_connections` sums the lines when it picks. That is the only
+//!   cross-thread memory a request touches. Counters survive a reload for
+//!   upstreams that remain.
 //! - [`Picker`] is per worker and per listener: round-robin cursor, smooth
 //!   weighted round-robin weights, and the random number generator.
 //!
@@ -19,6 +21,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use atlas_config::{Group, Strategy};
 
@@ -36,44 +39,60 @@ pub fn hash64(bytes: &[u8]) -> u64 {
     h ^ (h >> 33)
 }
 
-const SLOTS_PER_LINE: usize = 16;
-
 #[repr(align(64))]
-struct Line([AtomicU32; SLOTS_PER_LINE]);
+#[derive(Default)]
+struct Line(AtomicU32);
 
-/// In-flight request counts, one row of cache lines per worker.
-pub struct InflightTable {
-    upstreams: usize,
-    lines_per_worker: usize,
+/// One upstream's in-flight count: one cache line per worker. A worker
+/// only ever *stores* into its own line; readers sum the lines. It is held
+/// by `Arc` so a reload that keeps an upstream keeps its counts (requests
+/// started before the reload finish against the same counters).
+pub struct UpstreamCounters {
     lines: Box<[Line]>,
+}
+
+impl UpstreamCounters {
+    pub fn new(workers: usize) -> Self {
+        UpstreamCounters { lines: (0..workers.max(1)).map(|_| Line::default()).collect() }
+    }
+
+    /// Called only by `worker` itself: a plain store, never contended.
+    pub fn add(&self, worker: usize, delta: i32) {
+        if let Some(l) = self.lines.get(worker) {
+            l.0.store(l.0.load(Ordering::Relaxed).wrapping_add_signed(delta), Ordering::Relaxed);
+        }
+    }
+
+    pub fn total(&self) -> u32 {
+        self.lines.iter().map(|l| l.0.load(Ordering::Relaxed)).fold(0u32, u32::wrapping_add)
+    }
+}
+
+/// In-flight request counts of a group's upstreams.
+pub struct InflightTable {
+    upstreams: Vec<Arc<UpstreamCounters>>,
 }
 
 impl InflightTable {
     pub fn new(workers: usize, upstreams: usize) -> Self {
-        let lines_per_worker = upstreams.div_ceil(SLOTS_PER_LINE).max(1);
-        let lines = (0..workers.max(1) * lines_per_worker).map(|_| Line(std::array::from_fn(|_| AtomicU32::new(0)))).collect();
-        InflightTable { upstreams, lines_per_worker, lines }
+        InflightTable { upstreams: (0..upstreams).map(|_| Arc::new(UpstreamCounters::new(workers))).collect() }
     }
 
-    fn slot(&self, worker: usize, upstream: usize) -> &AtomicU32 {
-        let line = worker * self.lines_per_worker + upstream / SLOTS_PER_LINE;
-        &self.lines[line].0[upstream % SLOTS_PER_LINE]
-    }
-
-    /// Called only by `worker` itself: a plain store, never contended.
     pub fn add(&self, worker: usize, upstream: usize, delta: i32) {
-        let s = self.slot(worker, upstream);
-        s.store(s.load(Ordering::Relaxed).wrapping_add_signed(delta), Ordering::Relaxed);
+        self.upstreams[upstream].add(worker, delta);
     }
 
     /// In-flight requests to `upstream` summed over all workers.
     pub fn total(&self, upstream: usize) -> u32 {
-        let workers = self.lines.len() / self.lines_per_worker;
-        (0..workers).map(|w| self.slot(w, upstream).load(Ordering::Relaxed)).sum()
+        self.upstreams[upstream].total()
     }
 
     pub fn upstreams(&self) -> usize {
-        self.upstreams
+        self.upstreams.len()
+    }
+
+    pub fn counters(&self, upstream: usize) -> &Arc<UpstreamCounters> {
+        &self.upstreams[upstream]
     }
 }
 
@@ -119,13 +138,29 @@ pub struct GroupShared {
 
 impl GroupShared {
     pub fn new(group: &Group, workers: usize) -> Self {
+        Self::carrying(group, workers, &[])
+    }
+
+    /// Builds a group for a new configuration, reusing the in-flight
+    /// counters of upstreams (same name and address) found in `previous`.
+    pub fn carrying(group: &Group, workers: usize, previous: &[Arc<GroupShared>]) -> Self {
         let nw: Vec<(&str, u32)> = group.upstreams.iter().map(|u| (u.name.as_str(), u.weight)).collect();
+        let counters = group
+            .upstreams
+            .iter()
+            .map(|u| {
+                previous
+                    .iter()
+                    .find_map(|g| g.names.iter().zip(&g.addrs).position(|(n, a)| *n == u.name && *a == u.addr).map(|i| g.inflight.counters(i).clone()))
+                    .unwrap_or_else(|| Arc::new(UpstreamCounters::new(workers)))
+            })
+            .collect();
         GroupShared {
             name: group.name.clone(),
             addrs: group.upstreams.iter().map(|u| u.addr).collect(),
             names: group.upstreams.iter().map(|u| u.name.clone()).collect(),
             weights: group.upstreams.iter().map(|u| u.weight).collect(),
-            inflight: InflightTable::new(workers, group.upstreams.len()),
+            inflight: InflightTable { upstreams: counters },
             ring: HashRing::new(&nw),
         }
     }

@@ -3,6 +3,7 @@
 
 use super::*;
 use atlas_config::Upstream;
+use std::sync::Arc;
 
 fn group(weights: &[u32]) -> GroupShared {
     let upstreams = weights
@@ -145,4 +146,31 @@ fn hash64_is_frozen() {
 
     assert_ne!(hash64(b"10.0.0.1"), hash64(b"10.0.0.2"));
     assert_eq!(hash64(b"atlas"), FROZEN);
+}
+
+#[test]
+fn reload_carries_in_flight_counts_of_remaining_upstreams() {
+    let old = Arc::new(group(&[1, 1]));
+    old.inflight.add(0, 1, 4);
+    // New config: u1 stays (same name and address), u0 is gone, u9 is new.
+    let mut g = Group { name: "g".into(), upstreams: Vec::new() };
+    for (name, port) in [("u1", 1001u16), ("u9", 1009)] {
+        g.upstreams.push(Upstream {
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            port,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            weight: 1,
+            tls: None,
+        });
+    }
+    let new = GroupShared::carrying(&g, 2, &[old.clone()]);
+    assert_eq!(new.inflight.total(0), 4, "u1's requests in flight are still counted");
+    assert_eq!(new.inflight.total(1), 0);
+    // A request that started before the reload finishes on the old table...
+    old.inflight.add(0, 1, -1);
+    // ...and the new configuration sees it end.
+    assert_eq!(new.inflight.total(0), 3);
+    let mut p = Picker::new(Strategy::LeastConnections, &new, 0);
+    assert_eq!(p.pick(&new, 0, 0), Some(1), "least_connections avoids the busy carried-over upstream");
 }

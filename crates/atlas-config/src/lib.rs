@@ -307,6 +307,8 @@ pub struct Config {
     pub driver: Driver,
     pub workers: usize,
     pub ring_entries: u32,
+    /// Longest graceful drain on SIGTERM/SIGINT/SIGQUIT or takeover.
+    pub drain_timeout: Duration,
     pub listeners: Vec<Listener>,
     pub groups: Vec<Group>,
     pub static_root: Option<PathBuf>,
@@ -331,6 +333,10 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
 pub fn load_str(text: &str, name: &str) -> Result<Config, ConfigErrors> {
     let mut diag = load::Diag::new(name, text);
     let raw = load::parse_raw(&mut diag);
+    if !diag.errors.is_empty() && diag.errors.iter().all(|e| e.key == "(syntax)") {
+        // Meaning checks on a half-parsed document only add noise.
+        return Err(ConfigErrors(diag.errors));
+    }
     let cfg = validate::validate(&mut diag, raw);
     if diag.errors.is_empty() {
         Ok(cfg)

@@ -103,6 +103,7 @@ pub struct RawRuntime {
     pub driver: Option<Spanned<String>>,
     pub workers: Option<Spanned<i64>>,
     pub ring_entries: Option<Spanned<i64>>,
+    pub drain_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -463,6 +463,7 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
         driver,
         workers,
         ring_entries,
+        drain_timeout: duration(diag, &raw.runtime.drain_timeout, "runtime.drain_timeout", Duration::from_secs(30)),
         listeners,
         groups,
         static_root: global_root,

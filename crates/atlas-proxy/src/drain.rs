@@ -12,6 +12,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use monoio::io::Canceller;
@@ -61,6 +62,19 @@ impl<T> Slab<T> {
         self.free.clear();
         self.slots.drain(..).flatten().collect()
     }
+}
+
+/// Set (once) by the signal thread or a takeover; each worker's
+/// housekeeping task notices it within its tick and starts its own drain.
+static REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks every worker of this process to drain.
+pub fn request_process_drain() {
+    REQUESTED.store(true, Ordering::SeqCst);
+}
+
+pub fn process_drain_requested() -> bool {
+    REQUESTED.load(Ordering::Relaxed)
 }
 
 #[derive(Default)]

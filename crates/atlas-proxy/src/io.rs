@@ -44,17 +44,23 @@ pub fn give_buf(mut b: Vec<u8>) {
 /// Reads more bytes at the end of `buf`, growing it when full (up to `max`).
 /// Returns the number of bytes read (0: end of stream).
 pub async fn read_more<S: AsyncReadRent>(s: &mut S, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    make_room(buf, max)?;
+    let owned = std::mem::take(buf);
+    let (len, cap) = (owned.len(), owned.capacity());
+    let (res, slice) = s.read(owned.slice_mut(len..cap)).await;
+    *buf = slice.into_inner();
+    res
+}
+
+/// Makes sure `buf` has room to read into, growing it up to `max`.
+fn make_room(buf: &mut Vec<u8>, max: usize) -> io::Result<()> {
     if buf.capacity() - buf.len() < 512 {
         if buf.capacity() >= max {
             return Err(io::Error::new(io::ErrorKind::OutOfMemory, "buffer limit reached"));
         }
         buf.reserve(buf.capacity().max(BUF_SIZE).min(max - buf.len()));
     }
-    let owned = std::mem::take(buf);
-    let (len, cap) = (owned.len(), owned.capacity());
-    let (res, slice) = s.read(owned.slice_mut(len..cap)).await;
-    *buf = slice.into_inner();
-    res
+    Ok(())
 }
 
 /// Writes all of `buf` (it is kept, unchanged, for reuse).
@@ -142,6 +148,23 @@ where
 /// in the monoio traits; this adds what only some streams can do faster.
 #[allow(async_fn_in_trait)]
 pub trait ClientStream: AsyncReadRent + AsyncWriteRent + Split + Sized + 'static {
+    /// Waits for the first bytes of the next request on an idle keep-alive
+    /// connection, like [`read_more`], but gives up (`Ok(0)`, as if the
+    /// client had closed) when the worker starts draining. This default
+    /// races the read against the drain; a request arriving in that very
+    /// instant is lost with the connection, as with any server closing an
+    /// idle keep-alive connection. Plain sockets override it with a
+    /// cancelable read that loses nothing.
+    async fn read_idle(&mut self, buf: &mut Vec<u8>, max: usize, drain: &crate::drain::Drain) -> io::Result<usize> {
+        if drain.is_draining() {
+            return Ok(0);
+        }
+        monoio::select! {
+            r = read_more(self, buf, max) => r,
+            _ = drain.started() => Ok(0),
+        }
+    }
+
     /// Sends `len` bytes of `file` starting at `offset`. The default reads
     /// through a pooled buffer (TLS must encrypt anyway); plain sockets
     /// override it with sendfile(2), zero copy.
@@ -172,6 +195,26 @@ pub trait ClientStream: AsyncReadRent + AsyncWriteRent + Split + Sized + 'static
 }
 
 impl ClientStream for monoio::net::TcpStream {
+    async fn read_idle(&mut self, buf: &mut Vec<u8>, max: usize, drain: &crate::drain::Drain) -> io::Result<usize> {
+        use monoio::io::{CancelableAsyncReadRent, Canceller};
+        if drain.is_draining() {
+            return Ok(0);
+        }
+        make_room(buf, max)?;
+        let canceller = Canceller::new();
+        let handle = canceller.handle();
+        let _registration = drain.register(canceller);
+        let owned = std::mem::take(buf);
+        let (len, cap) = (owned.len(), owned.capacity());
+        let (res, slice) = self.cancelable_read(owned.slice_mut(len..cap), handle).await;
+        *buf = slice.into_inner();
+        match res {
+            // Canceled by the drain before any byte arrived.
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) || e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            r => r,
+        }
+    }
+
     async fn send_file(&mut self, file: &std::fs::File, offset: u64, mut len: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let fd = self.as_raw_fd();

@@ -9,6 +9,7 @@
 //! Handlers are generic over the client stream (`AsyncReadRent +
 //! AsyncWriteRent + Split`), so the same code serves plain TCP and TLS.
 
+pub mod drain;
 pub mod error;
 pub mod http;
 pub mod io;
@@ -18,9 +19,10 @@ pub mod tcp;
 pub mod tls;
 pub mod upstream;
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
-use atlas_config::{HashKey, Limits, Timeouts};
+use atlas_config::{HashKey, Limits, Mode, Timeouts};
 
 pub use error::{ProxyError, Side};
 pub use upstream::Upstreams;
@@ -35,8 +37,11 @@ pub enum Target {
 pub struct ListenerCtx {
     pub worker: usize,
     pub name: String,
+    pub mode: Mode,
     /// `http` or `https`: the value of `X-Forwarded-Proto`.
     pub proto: &'static str,
+    /// TLS termination for this listener.
+    pub tls: Option<monoio_rustls::TlsAcceptor>,
     /// Where requests go when no route matches (`None`: nowhere, 503).
     pub default: Option<Target>,
     /// `[[routes]]`: path prefix and target, longest prefix first.
@@ -46,9 +51,25 @@ pub struct ListenerCtx {
     pub pool: Rc<pool::ConnPool>,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// Set by a reload: the context that replaces this one. Connections
+    /// follow it at their next request; in-flight requests finish on the
+    /// context they started with.
+    pub next: RefCell<Option<Rc<ListenerCtx>>>,
 }
 
 impl ListenerCtx {
+    /// The newest context that replaced `ctx`, if a reload happened.
+    pub fn latest(ctx: &Rc<ListenerCtx>) -> Option<Rc<ListenerCtx>> {
+        let mut cur = ctx.next.borrow().clone()?;
+        loop {
+            let next = cur.next.borrow().clone();
+            match next {
+                Some(n) => cur = n,
+                None => return Some(cur),
+            }
+        }
+    }
+
     /// The target for a request path: the longest matching route, else the default.
     pub fn route(&self, path: &[u8]) -> Option<&Target> {
         self.routes.iter().find(|(p, _)| path.starts_with(p.as_bytes())).map(|(_, t)| t).or(self.default.as_ref())

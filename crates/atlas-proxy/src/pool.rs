@@ -36,6 +36,12 @@ impl ConnPool {
         }
     }
 
+    /// New limits after a reload; existing idle connections stay.
+    pub fn set_limits(&self, max_idle: usize, idle_timeout: Duration) {
+        self.max_idle.set(max_idle);
+        self.idle_timeout.set(idle_timeout);
+    }
+
     /// A live-looking idle connection to `addr` (TLS or not), if any.
     pub fn take(&self, addr: SocketAddr, tls: bool) -> Option<UpstreamConn> {
         let mut idle = self.idle.borrow_mut();

@@ -69,6 +69,7 @@ async fn connect_for(ctx: &ListenerCtx, up: &upstream::Upstreams, peer: SocketAd
 
 /// Serves one TCP-mode connection on a plain socket (splice).
 pub async fn serve_plain(ctx: Rc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
+    let _live = crate::drain::Drain::current().connection();
     let client_fd = client.as_raw_fd();
     let Some(up) = ctx.upstreams() else { return };
     let group = &*up.group;
@@ -109,6 +110,7 @@ pub async fn serve_stream<S>(ctx: Rc<ListenerCtx>, client: S, peer: SocketAddr, 
 where
     S: AsyncReadRent + AsyncWriteRent + Split + 'static,
 {
+    let _live = crate::drain::Drain::current().connection();
     let Some(up) = ctx.upstreams() else { return };
     let group = &*up.group;
     let Some(c) = connect_for(&ctx, up, peer).await else { return };

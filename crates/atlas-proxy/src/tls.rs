@@ -136,19 +136,29 @@ fn stamp(p: &Path) -> Stamp {
 }
 
 /// Watches the certificate files of every TLS listener and reloads a
-/// listener's set when any of its files changes. Runs on its own thread.
-pub fn spawn_reloader(listeners: Vec<(String, Arc<ServerTls>)>, every: Duration) {
-    if listeners.is_empty() {
-        return;
-    }
+/// listener's set when any of its files changes. `listeners` is asked for
+/// the current list on every round, so listeners of a reloaded
+/// configuration are followed. Runs on its own thread.
+pub fn spawn_reloader<F>(listeners: F, every: Duration)
+where
+    F: Fn() -> Vec<(String, Arc<ServerTls>)> + Send + 'static,
+{
     let spawned = std::thread::Builder::new().name("atlas-certs".into()).spawn(move || {
         let snapshot = |t: &ServerTls| t.paths().into_iter().map(stamp).collect::<Vec<Stamp>>();
-        let mut seen: Vec<Vec<Stamp>> = listeners.iter().map(|(_, t)| snapshot(t)).collect();
+        // Keyed by the ServerTls object: a configuration reload brings new
+        // ones (already holding freshly loaded certificates).
+        let mut seen: HashMap<*const ServerTls, Vec<Stamp>> = HashMap::new();
         loop {
-            std::thread::sleep(every);
-            for (i, (name, tls)) in listeners.iter().enumerate() {
+            let current = listeners();
+            seen.retain(|k, _| current.iter().any(|(_, t)| Arc::as_ptr(t) == *k));
+            for (name, tls) in &current {
+                let key = Arc::as_ptr(tls);
                 let now = snapshot(tls);
-                if now == seen[i] {
+                let Some(before) = seen.get(&key) else {
+                    seen.insert(key, now);
+                    continue;
+                };
+                if *before == now {
                     continue;
                 }
                 // Let a writer finish (cert and key are often replaced one after the other).
@@ -158,8 +168,9 @@ pub fn spawn_reloader(listeners: Vec<(String, Arc<ServerTls>)>, every: Duration)
                     Ok(()) => tracing::info!(listener = %name, "TLS certificates reloaded"),
                     Err(e) => tracing::error!(listener = %name, error = %e, "config: TLS certificate reload failed; keeping the previous certificates"),
                 }
-                seen[i] = now;
+                seen.insert(key, now);
             }
+            std::thread::sleep(every);
         }
     });
     if let Err(e) = spawned {

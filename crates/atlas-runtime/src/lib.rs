@@ -8,13 +8,14 @@
 //! configuration and upstream groups) plus the per-worker in-flight lines
 //! that `least_connections` reads.
 
+pub mod control;
 mod listen;
 mod shared;
 mod worker;
 
 pub use listen::{bind_all, BoundListener};
 pub use shared::Shared;
-pub use worker::{start, Workers};
+pub use worker::{start, Current, Generation, Workers};
 
 use atlas_config::Driver;
 

@@ -19,9 +19,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn build(cfg: &Config) -> Result<Shared, Vec<String>> {
+    /// Builds the shared state for `cfg`; with `previous` (a reload), the
+    /// in-flight counters of upstreams that remain carry over.
+    pub fn build(cfg: &Config, previous: Option<&Shared>) -> Result<Shared, Vec<String>> {
         let mut errors = Vec::new();
-        let groups = cfg.groups.iter().map(|g| Arc::new(GroupShared::new(g, cfg.workers))).collect();
+        let old: &[Arc<GroupShared>] = previous.map(|p| p.groups.as_slice()).unwrap_or(&[]);
+        let groups = cfg.groups.iter().map(|g| Arc::new(GroupShared::carrying(g, cfg.workers, old))).collect();
         let group_tls = cfg
             .groups
             .iter()

@@ -9,43 +9,62 @@ use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use atlas_balance::Picker;
 use atlas_config::{Config, Listener, Mode, RouteTarget, Strategy};
+use atlas_proxy::drain::{self, Drain};
 use atlas_proxy::http::codec::simple_response;
 use atlas_proxy::io::{read_more, write_vec};
 use atlas_proxy::pool::ConnPool;
 use atlas_proxy::static_files::fs::{FileCache, Root};
 use atlas_proxy::static_files::StaticSite;
 use atlas_proxy::{ListenerCtx, Target, Upstreams};
+use monoio::io::Canceller;
 use monoio::net::{TcpListener, TcpStream};
 use monoio_rustls::TlsAcceptor;
 
 use crate::{BoundListener, ChosenDriver, Shared};
+
+/// One applied configuration: what workers build their contexts from.
+pub struct Generation {
+    pub version: u64,
+    pub cfg: Arc<Config>,
+    pub shared: Arc<Shared>,
+}
+
+/// The current generation, swapped by a reload, read by the workers.
+pub type Current = Arc<ArcSwap<Generation>>;
 
 pub struct Workers {
     pub handles: Vec<JoinHandle<()>>,
     pub driver: ChosenDriver,
 }
 
+/// How often a worker looks for a reload or a drain request.
+const HOUSEKEEPING: Duration = Duration::from_millis(100);
+
 /// Spawns `cfg.workers` threads serving the bound listeners.
-pub fn start(cfg: Arc<Config>, shared: Arc<Shared>, bound: Vec<BoundListener>, driver: ChosenDriver) -> std::io::Result<Workers> {
-    // Hand each worker its own socket of every listener.
-    let mut per_worker: Vec<Vec<(usize, StdListener)>> = (0..cfg.workers).map(|_| Vec::new()).collect();
+pub fn start(current: Current, bound: Vec<BoundListener>, driver: ChosenDriver) -> std::io::Result<Workers> {
+    let gen = current.load_full();
+    let workers = gen.cfg.workers;
+    // Hand each worker its own sockets of every listener (a listener taken
+    // over from a process with more workers may give one worker several).
+    let mut per_worker: Vec<Vec<(usize, StdListener)>> = (0..workers).map(|_| Vec::new()).collect();
     for b in bound {
-        for (w, s) in b.sockets.into_iter().enumerate() {
-            per_worker[w].push((b.index, s));
+        for (i, s) in b.sockets.into_iter().enumerate() {
+            per_worker[i % workers].push((b.index, s));
         }
     }
     let mut handles = Vec::new();
     for (w, sockets) in per_worker.into_iter().enumerate() {
-        let cfg = cfg.clone();
-        let shared = shared.clone();
+        let current = current.clone();
+        let ring_entries = gen.cfg.ring_entries;
         let h = std::thread::Builder::new().name(format!("atlas-worker-{w}")).spawn(move || {
-            let body = worker_main(w, cfg.clone(), shared, sockets);
+            let body = worker_main(w, current, sockets);
             let res = match driver {
-                ChosenDriver::IoUring => uring_runtime(w, cfg.ring_entries).map(|mut rt| rt.block_on(body)),
+                ChosenDriver::IoUring => uring_runtime(w, ring_entries).map(|mut rt| rt.block_on(body)),
                 ChosenDriver::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().map(|mut rt| rt.block_on(body)),
             };
             if let Err(e) = res {
@@ -58,11 +77,12 @@ pub fn start(cfg: Arc<Config>, shared: Arc<Shared>, bound: Vec<BoundListener>, d
     Ok(Workers { handles, driver })
 }
 
-/// Builds one worker's view of a listener: its default target and routes.
+/// Builds one worker's view of a listener for one generation.
 struct CtxBuilder<'a> {
     w: usize,
     cfg: &'a Config,
     shared: &'a Shared,
+    pool: Rc<ConnPool>,
     cache: Rc<RefCell<FileCache>>,
     sites: usize,
     seeds: u64,
@@ -89,7 +109,8 @@ impl CtxBuilder<'_> {
         }
     }
 
-    fn ctx(&mut self, l: &Listener, pool: &Rc<ConnPool>) -> ListenerCtx {
+    fn ctx(&mut self, li: usize) -> ListenerCtx {
+        let l: &Listener = &self.cfg.listeners[li];
         let default = match l.mode {
             Mode::Http | Mode::Tcp => l.group.map(|g| self.upstreams(g, l.strategy)),
             Mode::Static => l.static_root.as_deref().and_then(|r| self.site(r, None)),
@@ -108,42 +129,94 @@ impl CtxBuilder<'_> {
         ListenerCtx {
             worker: self.w,
             name: l.name.clone(),
+            mode: l.mode,
             proto: if l.tls.is_some() { "https" } else { "http" },
+            tls: self.shared.server_tls[li].as_ref().map(|t| TlsAcceptor::from(t.config.clone())),
             default,
             routes,
             hash_key: (l.strategy == Strategy::Hash).then(|| l.hash_key.clone()),
-            pool: pool.clone(),
+            pool: self.pool.clone(),
             timeouts: self.cfg.timeouts,
             limits: self.cfg.limits,
+            next: RefCell::new(None),
         }
     }
 }
 
-async fn worker_main(w: usize, cfg: Arc<Config>, shared: Arc<Shared>, sockets: Vec<(usize, StdListener)>) {
-    let pool = Rc::new(ConnPool::new(cfg.pool.max_idle_per_upstream, cfg.pool.idle_timeout));
-    let cache = Rc::new(RefCell::new(FileCache::new(cfg.static_files.cache_max_bytes, cfg.static_files.cache_max_file_bytes)));
-    let mut builder = CtxBuilder { w, cfg: &cfg, shared: &shared, cache, sites: 0, seeds: 0 };
-    for (li, sock) in sockets {
-        let l = &cfg.listeners[li];
-        let ctx = Rc::new(builder.ctx(l, &pool));
-        let tls = shared.server_tls[li].as_ref().map(|t| TlsAcceptor::from(t.config.clone()));
-        match TcpListener::from_std(sock) {
-            Ok(listener) => {
-                monoio::spawn(accept_loop(ctx, listener, l.mode, tls));
+async fn worker_main(w: usize, current: Current, sockets: Vec<(usize, StdListener)>) {
+    let drain = Drain::current();
+    let gen = current.load_full();
+    let pool = Rc::new(ConnPool::new(gen.cfg.pool.max_idle_per_upstream, gen.cfg.pool.idle_timeout));
+    let cache = Rc::new(RefCell::new(FileCache::new(gen.cfg.static_files.cache_max_bytes, gen.cfg.static_files.cache_max_file_bytes)));
+    // The context of each listener this worker serves, by listener name.
+    let mut ctxs: Vec<Rc<ListenerCtx>> = Vec::new();
+    {
+        let mut b = CtxBuilder { w, cfg: &gen.cfg, shared: &gen.shared, pool: pool.clone(), cache: cache.clone(), sites: 0, seeds: 0 };
+        for (li, sock) in sockets {
+            let ctx = Rc::new(b.ctx(li));
+            match TcpListener::from_std(sock) {
+                Ok(listener) => {
+                    monoio::spawn(accept_loop(ctx.clone(), listener));
+                }
+                Err(e) => tracing::error!(worker = w, listener = %ctx.name, error = %e, "internal: cannot register listener"),
             }
-            Err(e) => tracing::error!(worker = w, listener = %l.name, error = %e, "internal: cannot register listener"),
+            if !ctxs.iter().any(|c| c.name == ctx.name) {
+                ctxs.push(ctx);
+            }
         }
     }
+    let mut version = gen.version;
+    let mut last_sweep = Instant::now();
     loop {
-        monoio::time::sleep(Duration::from_secs(1)).await;
-        pool.sweep();
+        monoio::time::sleep(HOUSEKEEPING).await;
+        if drain::process_drain_requested() {
+            drain.start();
+            break;
+        }
+        let gen = current.load();
+        if gen.version != version {
+            version = gen.version;
+            apply(w, &gen, &mut ctxs, &pool, &cache);
+        }
+        if last_sweep.elapsed() >= Duration::from_secs(1) {
+            pool.sweep();
+            last_sweep = Instant::now();
+        }
+    }
+    // Accept loops have stopped; wait for the last connection to finish.
+    drain.idle().await;
+    tracing::debug!(worker = w, "worker drained");
+}
+
+/// Applies a new generation on this worker: a new context per listener,
+/// linked from the old one so connections move over at their next request.
+/// The pool and the file cache carry over (their limits are updated).
+fn apply(w: usize, gen: &Generation, ctxs: &mut [Rc<ListenerCtx>], pool: &Rc<ConnPool>, cache: &Rc<RefCell<FileCache>>) {
+    pool.set_limits(gen.cfg.pool.max_idle_per_upstream, gen.cfg.pool.idle_timeout);
+    cache.borrow_mut().set_limits(gen.cfg.static_files.cache_max_bytes, gen.cfg.static_files.cache_max_file_bytes);
+    let mut b = CtxBuilder { w, cfg: &gen.cfg, shared: &gen.shared, pool: pool.clone(), cache: cache.clone(), sites: 0, seeds: 0 };
+    for slot in ctxs.iter_mut() {
+        let Some(li) = gen.cfg.listeners.iter().position(|l| l.name == slot.name) else { continue };
+        let new = Rc::new(b.ctx(li));
+        *slot.next.borrow_mut() = Some(new.clone());
+        *slot = new;
     }
 }
 
-async fn accept_loop(ctx: Rc<ListenerCtx>, listener: TcpListener, mode: Mode, tls: Option<TlsAcceptor>) {
+async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
+    let drain = Drain::current();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        if drain.is_draining() {
+            break;
+        }
+        let canceller = Canceller::new();
+        let handle = canceller.handle();
+        let registration = drain.register(canceller);
+        let accepted = listener.cancelable_accept(handle).await;
+        drop(registration);
+        let (stream, peer) = match accepted {
             Ok(x) => x,
+            Err(_) if drain.is_draining() => break,
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
                 atlas_proxy::log_limited(|| tracing::warn!(listener = %ctx.name, error = %e, "accept failed"));
@@ -151,31 +224,35 @@ async fn accept_loop(ctx: Rc<ListenerCtx>, listener: TcpListener, mode: Mode, tl
                 continue;
             }
         };
+        if let Some(newer) = ListenerCtx::latest(&ctx) {
+            ctx = newer;
+        }
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
-        match &tls {
-            None => match mode {
-                Mode::Http | Mode::Static => {
-                    let fd = stream.as_raw_fd();
-                    monoio::spawn(atlas_proxy::http::serve(ctx, stream, peer, fd));
-                }
-                Mode::Tcp => {
-                    monoio::spawn(atlas_proxy::tcp::serve_plain(ctx, stream, peer));
-                }
-                Mode::Game | Mode::Firehose => {
-                    monoio::spawn(not_yet(stream));
-                }
-            },
-            Some(acceptor) => {
-                monoio::spawn(serve_tls(ctx, acceptor.clone(), stream, peer, mode));
+        match (&ctx.tls, ctx.mode) {
+            (None, Mode::Http | Mode::Static) => {
+                let fd = stream.as_raw_fd();
+                monoio::spawn(atlas_proxy::http::serve(ctx, stream, peer, fd));
+            }
+            (None, Mode::Tcp) => {
+                monoio::spawn(atlas_proxy::tcp::serve_plain(ctx, stream, peer));
+            }
+            (None, Mode::Game | Mode::Firehose) => {
+                monoio::spawn(not_yet(stream));
+            }
+            (Some(acceptor), _) => {
+                let acceptor = acceptor.clone();
+                monoio::spawn(serve_tls(ctx, acceptor, stream, peer));
             }
         }
     }
+    tracing::debug!(listener = %ctx.name, "stopped accepting");
 }
 
 /// TLS handshake (bounded by the header timeout), then the mode's handler
 /// over the encrypted stream: the same code as for plain connections.
-async fn serve_tls(ctx: Rc<ListenerCtx>, acceptor: TlsAcceptor, stream: TcpStream, peer: SocketAddr, mode: Mode) {
+async fn serve_tls(ctx: Rc<ListenerCtx>, acceptor: TlsAcceptor, stream: TcpStream, peer: SocketAddr) {
+    let _live = Drain::current().connection();
     let fd = stream.as_raw_fd();
     let tls = match monoio::time::timeout(ctx.timeouts.client_header, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
@@ -188,7 +265,7 @@ async fn serve_tls(ctx: Rc<ListenerCtx>, acceptor: TlsAcceptor, stream: TcpStrea
             return;
         }
     };
-    match mode {
+    match ctx.mode {
         Mode::Http | Mode::Static => atlas_proxy::http::serve(ctx, tls, peer, fd).await,
         Mode::Tcp => atlas_proxy::tcp::serve_stream(ctx, tls, peer, fd).await,
         Mode::Game | Mode::Firehose => {}
@@ -198,6 +275,7 @@ async fn serve_tls(ctx: Rc<ListenerCtx>, acceptor: TlsAcceptor, stream: TcpStrea
 /// Placeholder for modes whose issue has not landed (the game gateway):
 /// answers every request with 503 and closes.
 async fn not_yet(mut stream: TcpStream) {
+    let _live = Drain::current().connection();
     let mut buf = atlas_proxy::io::take_buf();
     let _ = monoio::time::timeout(Duration::from_secs(5), read_more(&mut stream, &mut buf, 16 * 1024)).await;
     let mut resp = simple_response(503, "the game gateway is not implemented in this build yet", false, false, "");

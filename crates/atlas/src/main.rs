@@ -9,7 +9,8 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 
@@ -102,7 +103,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let shared = match atlas_runtime::Shared::build(&cfg) {
+    let shared = match atlas_runtime::Shared::build(&cfg, None) {
         Ok(s) => s,
         Err(errors) => {
             for e in &errors {
@@ -125,7 +126,7 @@ fn main() -> ExitCode {
     }
     init_logging();
     match run(cfg, shared, &args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::from(1)
@@ -133,15 +134,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) -> Result<(), String> {
+/// Waits up to `timeout` for one of `signals` (all blocked in every thread).
+fn wait_signal(signals: &SigSet, timeout: Duration) -> Option<Signal> {
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    // SAFETY: a valid signal set and timespec; no siginfo requested.
+    let n = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &ts) };
+    if n > 0 {
+        Signal::try_from(n).ok()
+    } else {
+        None
+    }
+}
+
+fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) -> Result<ExitCode, String> {
     if args.takeover {
         tracing::warn!(socket = %args.takeover_socket.display(), "--takeover is not implemented in this build yet: binding fresh sockets (SO_REUSEPORT lets the old process keep serving until you stop it)");
     }
     if args.config.is_none() {
         tracing::info!("no CONFIG given: running the embedded default (game gateway stub + API /health)");
     }
-    // Block the shutdown signals before any thread exists so every thread
-    // inherits the mask and only `sigwait` below receives them.
+    // Block the signals before any thread exists so every thread inherits
+    // the mask and only this thread receives them (sigtimedwait below).
     let mut signals = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGHUP] {
         signals.add(s);
@@ -159,19 +172,70 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
         let l = &cfg.listeners[b.index];
         tracing::info!(name = %l.name, addr = %b.addr, mode = l.mode.as_str(), "listening");
     }
-    let tls: Vec<(String, Arc<atlas_proxy::tls::ServerTls>)> =
-        cfg.listeners.iter().zip(&shared.server_tls).filter_map(|(l, t)| t.clone().map(|t| (l.name.clone(), t))).collect();
-    atlas_proxy::tls::spawn_reloader(tls, std::time::Duration::from_secs(1));
-    let cfg = Arc::new(cfg);
-    let _workers = atlas_runtime::start(cfg, Arc::new(shared), bound, driver).map_err(|e| format!("internal: cannot start workers: {e}"))?;
-    loop {
-        match signals.wait() {
-            Ok(Signal::SIGHUP) => tracing::info!("SIGHUP: configuration reload is not implemented in this build yet"),
-            Ok(sig) => {
-                tracing::info!(signal = ?sig, "shutting down");
-                return Ok(());
+    let current = atlas_runtime::control::first_generation(cfg, shared);
+    {
+        let current = current.clone();
+        atlas_proxy::tls::spawn_reloader(
+            move || {
+                let g = current.load();
+                g.cfg.listeners.iter().zip(&g.shared.server_tls).filter_map(|(l, t)| t.clone().map(|t| (l.name.clone(), t))).collect()
+            },
+            Duration::from_secs(1),
+        );
+    }
+    let workers = atlas_runtime::start(current.clone(), bound, driver).map_err(|e| format!("internal: cannot start workers: {e}"))?;
+
+    let (tx, rx) = mpsc::channel();
+    let _watcher = match &args.config {
+        Some(path) => match atlas_runtime::control::watch(path, tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("{e}; reload with SIGHUP instead");
+                None
             }
-            Err(e) => return Err(format!("internal: sigwait failed: {e}")),
+        },
+        None => None,
+    };
+    let reload = || match &args.config {
+        Some(path) => {
+            atlas_runtime::control::reload(&current, path);
+        }
+        None => tracing::warn!("reload asked, but Atlas runs on its embedded default (no CONFIG file)"),
+    };
+    let mut draining: Option<Instant> = None;
+    loop {
+        match wait_signal(&signals, Duration::from_millis(100)) {
+            Some(Signal::SIGHUP) => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                reload();
+            }
+            Some(sig) if draining.is_some() => {
+                tracing::warn!(signal = ?sig, "second signal while draining: exiting now");
+                return Ok(ExitCode::from(1));
+            }
+            Some(sig) => {
+                let timeout = current.load().cfg.drain_timeout;
+                tracing::info!(signal = ?sig, ?timeout, "draining: no new connections; finishing in-flight requests (signal again to exit at once)");
+                atlas_proxy::drain::request_process_drain();
+                draining = Some(Instant::now());
+            }
+            None => {}
+        }
+        if rx.try_recv().is_ok() {
+            // Editors write in several steps: let the file settle, then reload once.
+            std::thread::sleep(Duration::from_millis(150));
+            while rx.try_recv().is_ok() {}
+            reload();
+        }
+        if let Some(since) = draining {
+            if workers.handles.iter().all(|h| h.is_finished()) {
+                tracing::info!(took = ?since.elapsed(), "drained; exiting");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if since.elapsed() >= current.load().cfg.drain_timeout {
+                tracing::warn!("drain timeout reached: exiting with connections still open");
+                return Ok(ExitCode::SUCCESS);
+            }
         }
     }
 }

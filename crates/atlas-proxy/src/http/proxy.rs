@@ -20,6 +20,7 @@ use monoio::time::{timeout, timeout_at, Instant};
 
 use super::chunked::ChunkedScanner;
 use super::codec::{self, BodyKind, HeadError, RequestInfo, ResponseCtx, RewriteCtx};
+use crate::drain::Drain;
 use crate::error::{ProxyError, Side};
 use crate::io::{give_buf, pipe_both, read_more, take_buf, write_range, write_vec, ClientStream, BUF_SIZE};
 use crate::static_files::{self, StaticSite};
@@ -47,18 +48,26 @@ enum Step {
 /// Serves one client connection until it closes. `client_fd` is the
 /// underlying socket, used to wake a tunnel when its other half fails.
 pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, mut client: S, peer: SocketAddr, client_fd: RawFd) {
+    let drain = Drain::current();
+    let _live = drain.connection();
+    let mut ctx = ctx;
     let mut b = Bufs { cbuf: take_buf(), ubuf: Vec::new(), out: Vec::new() };
     loop {
         if b.cbuf.is_empty() {
             // Idle keep-alive: hand the scratch buffers back to the worker's
             // pool while waiting, so with many mostly-idle connections the
-            // buffers in use stay few and warm in cache.
+            // buffers in use stay few and warm in cache. A drain closes the
+            // connection here, between requests.
             give_buf(std::mem::take(&mut b.ubuf));
             give_buf(std::mem::take(&mut b.out));
-            match timeout(ctx.timeouts.client_idle, read_more(&mut client, &mut b.cbuf, ctx.limits.max_header_bytes + BUF_SIZE)).await {
+            match timeout(ctx.timeouts.client_idle, client.read_idle(&mut b.cbuf, ctx.limits.max_header_bytes + BUF_SIZE, &drain)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => break,
             }
+        }
+        // A reload since the last request: use the new configuration.
+        if let Some(newer) = ListenerCtx::latest(&ctx) {
+            ctx = newer;
         }
         if b.out.capacity() == 0 {
             b.ubuf = take_buf();
@@ -340,7 +349,9 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
 
 /// Sends the response whose head is in `ubuf` to the client, then the body.
 async fn respond<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, mut c: upstream::Connected, b: &mut Bufs, req: &RequestInfo, deadline: Instant) -> Step {
-    let rctx = ResponseCtx { client_http11: req.http11, client_keep_alive: req.keep_alive, request_is_head: req.is_head, request_upgrade: req.upgrade };
+    // While draining, answer with `Connection: close` so the client goes elsewhere.
+    let keep = req.keep_alive && !Drain::current().is_draining();
+    let rctx = ResponseCtx { client_http11: req.http11, client_keep_alive: keep, request_is_head: req.is_head, request_upgrade: req.upgrade };
     // Interim (1xx) responses are relayed, then the final one is read.
     let (res, client_keep) = loop {
         b.out.clear();

@@ -222,6 +222,12 @@ impl FileCache {
         FileCache { map: HashMap::new(), order: VecDeque::new(), bytes: 0, max_bytes, max_file: max_file.min(max_bytes) }
     }
 
+    /// New limits after a reload; entries are evicted lazily as files load.
+    pub fn set_limits(&mut self, max_bytes: usize, max_file: usize) {
+        self.max_bytes = max_bytes;
+        self.max_file = max_file.min(max_bytes);
+    }
+
     /// A cached entry still fresh by `revalidate`, or `None`.
     pub fn fresh(&self, key: &str, revalidate: std::time::Duration) -> Option<Rc<Cached>> {
         self.map.get(key).filter(|c| c.checked.elapsed() < revalidate).cloned()
