@@ -309,6 +309,9 @@ pub struct Config {
     pub ring_entries: u32,
     /// Longest graceful drain on SIGTERM/SIGINT/SIGQUIT or takeover.
     pub drain_timeout: Duration,
+    /// Unix socket where this process offers its listeners to a successor
+    /// (`--takeover-socket` overrides it).
+    pub takeover_socket: PathBuf,
     pub listeners: Vec<Listener>,
     pub groups: Vec<Group>,
     pub static_root: Option<PathBuf>,

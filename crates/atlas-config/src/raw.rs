@@ -104,6 +104,7 @@ pub struct RawRuntime {
     pub workers: Option<Spanned<i64>>,
     pub ring_entries: Option<Spanned<i64>>,
     pub drain_timeout: Option<Spanned<String>>,
+    pub takeover_socket: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -464,6 +464,7 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
         workers,
         ring_entries,
         drain_timeout: duration(diag, &raw.runtime.drain_timeout, "runtime.drain_timeout", Duration::from_secs(30)),
+        takeover_socket: raw.runtime.takeover_socket.as_ref().map(|p| PathBuf::from(p.get_ref())).unwrap_or_else(|| PathBuf::from("/tmp/atlas-takeover.sock")),
         listeners,
         groups,
         static_root: global_root,

@@ -11,6 +11,7 @@
 pub mod control;
 mod listen;
 mod shared;
+pub mod takeover;
 mod worker;
 
 pub use listen::{bind_all, BoundListener};

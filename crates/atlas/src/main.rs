@@ -25,9 +25,11 @@ USAGE:
     atlas --help                   print this help
 
 OPTIONS:
-    --takeover                     take the listening sockets over from a running Atlas
-                                   (reserved: not implemented in this build)
-    --takeover-socket PATH         Unix socket for takeover (default /tmp/atlas-takeover.sock)
+    --takeover                     take the listening sockets over from the running Atlas,
+                                   start serving on them, then let it drain and exit
+    --takeover-socket PATH         Unix socket for takeover, on both sides: where a running
+                                   Atlas offers its sockets and where --takeover connects
+                                   (default: [runtime] takeover_socket, /tmp/atlas-takeover.sock)
 
 ENVIRONMENT:
     ATLAS_LOG                      log filter (tracing EnvFilter syntax), default \"info\"
@@ -38,11 +40,11 @@ struct Args {
     config: Option<PathBuf>,
     check: bool,
     takeover: bool,
-    takeover_socket: PathBuf,
+    takeover_socket: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
-    let mut args = Args { config: None, check: false, takeover: false, takeover_socket: PathBuf::from("/tmp/atlas-takeover.sock") };
+    let mut args = Args { config: None, check: false, takeover: false, takeover_socket: None };
     let mut it = std::env::args_os().skip(1);
     while let Some(a) = it.next() {
         match a.to_str() {
@@ -57,9 +59,9 @@ fn parse_args() -> Result<Option<Args>, String> {
             Some("--check" | "-t") => args.check = true,
             Some("--takeover") => args.takeover = true,
             Some("--takeover-socket") => {
-                args.takeover_socket = it.next().map(PathBuf::from).ok_or("--takeover-socket needs a PATH")?;
+                args.takeover_socket = Some(it.next().map(PathBuf::from).ok_or("--takeover-socket needs a PATH")?);
             }
-            Some(s) if s.starts_with("--takeover-socket=") => args.takeover_socket = PathBuf::from(&s["--takeover-socket=".len()..]),
+            Some(s) if s.starts_with("--takeover-socket=") => args.takeover_socket = Some(PathBuf::from(&s["--takeover-socket=".len()..])),
             Some(s) if s.starts_with('-') && s.len() > 1 => return Err(format!("unknown option `{s}` (see --help)")),
             _ => {
                 if args.config.is_some() {
@@ -147,9 +149,6 @@ fn wait_signal(signals: &SigSet, timeout: Duration) -> Option<Signal> {
 }
 
 fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) -> Result<ExitCode, String> {
-    if args.takeover {
-        tracing::warn!(socket = %args.takeover_socket.display(), "--takeover is not implemented in this build yet: binding fresh sockets (SO_REUSEPORT lets the old process keep serving until you stop it)");
-    }
     if args.config.is_none() {
         tracing::info!("no CONFIG given: running the embedded default (game gateway stub + API /health)");
     }
@@ -163,7 +162,26 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
 
     let driver = atlas_runtime::choose_driver(cfg.driver)?;
     tracing::info!(driver = driver.as_str(), requested = ?cfg.driver, workers = cfg.workers, "I/O driver chosen");
-    let bound = atlas_runtime::bind_all(&cfg)?;
+    let takeover_path = args.takeover_socket.clone().unwrap_or_else(|| cfg.takeover_socket.clone());
+    let (mut inherited, session) = if args.takeover {
+        let (sockets, session) = atlas_runtime::takeover::take_over(&takeover_path).map_err(|e| format!("{e}; the running Atlas keeps serving"))?;
+        tracing::info!(sockets = sockets.len(), path = %takeover_path.display(), "takeover: received the running Atlas' listening sockets");
+        (sockets, Some(session))
+    } else {
+        (Vec::new(), None)
+    };
+    let bound = atlas_runtime::bind_all(&cfg, &mut inherited)?;
+    for gone in inherited.drain(..) {
+        tracing::info!(listener = %gone.name, addr = %gone.addr, "takeover: listener no longer configured; closing it after the handover");
+    }
+    let offered: Vec<(String, std::net::SocketAddr, std::os::fd::RawFd)> = bound
+        .iter()
+        .flat_map(|b| {
+            let name = cfg.listeners[b.index].name.clone();
+            b.sockets.iter().map(move |s| (name.clone(), b.addr, std::os::fd::AsRawFd::as_raw_fd(s)))
+        })
+        .collect();
+    let offer = atlas_runtime::takeover::Offer::dup(&offered)?;
     if let Some(api) = &cfg.api {
         let (addr, _h) = atlas_admin::start(api.addr).map_err(|e| format!("api: cannot listen on {}: {e}", api.addr))?;
         tracing::info!(%addr, "api listening");
@@ -184,6 +202,15 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
         );
     }
     let workers = atlas_runtime::start(current.clone(), bound, driver).map_err(|e| format!("internal: cannot start workers: {e}"))?;
+    // Serving now: let the previous process go, then offer our sockets to the next.
+    let offered = match session {
+        Some(session) => session.finish(offer).map(|()| tracing::info!("takeover: complete; the previous Atlas is draining")),
+        None => atlas_runtime::takeover::serve(&takeover_path, offer),
+    };
+    match offered {
+        Ok(()) => tracing::info!(path = %takeover_path.display(), "offering our sockets to a successor (atlas --takeover)"),
+        Err(e) => tracing::warn!("{e}"),
+    }
 
     let (tx, rx) = mpsc::channel();
     let _watcher = match &args.config {
@@ -220,6 +247,10 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
                 draining = Some(Instant::now());
             }
             None => {}
+        }
+        if draining.is_none() && atlas_proxy::drain::process_drain_requested() {
+            tracing::info!("draining: a successor took over our sockets");
+            draining = Some(Instant::now());
         }
         if rx.try_recv().is_ok() {
             // Editors write in several steps: let the file settle, then reload once.
