@@ -27,6 +27,10 @@ use crate::static_files::{self, StaticSite};
 use crate::upstream::{self, InflightGuard, UpstreamConn};
 use crate::{ListenerCtx, Target};
 
+/// How long an idle keep-alive connection may still send one request after
+/// a drain starts (it then gets `Connection: close`).
+const DRAIN_IDLE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
@@ -60,8 +64,19 @@ pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, mut client: S, peer: S
             // connection here, between requests.
             give_buf(std::mem::take(&mut b.ubuf));
             give_buf(std::mem::take(&mut b.out));
-            match timeout(ctx.timeouts.client_idle, client.read_idle(&mut b.cbuf, ctx.limits.max_header_bytes + BUF_SIZE, &drain)).await {
+            let max = ctx.limits.max_header_bytes + BUF_SIZE;
+            match timeout(ctx.timeouts.client_idle, client.read_idle(&mut b.cbuf, max, &drain)).await {
                 Ok(Ok(n)) if n > 0 => {}
+                Ok(Ok(_)) if drain.is_draining() => {
+                    // Drained while idle. A client may be sending its next
+                    // request right now: give it a moment; that request is
+                    // answered with `Connection: close`, and only a silent
+                    // connection is closed.
+                    match timeout(DRAIN_IDLE_GRACE, read_more(&mut client, &mut b.cbuf, max)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => break,
+                    }
+                }
                 _ => break,
             }
         }
