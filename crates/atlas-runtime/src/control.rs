@@ -7,8 +7,8 @@
 //! that remain), published as a new generation, and each worker rebuilds its
 //! listener contexts on its next housekeeping tick, keeping its upstream
 //! pool and file cache. What cannot change in a running process (listen
-//! addresses, modes, TLS on/off, worker count, driver, drain timeout's
-//! listeners) is logged as needing a restart or a takeover.
+//! addresses, modes, TLS on/off, new or removed listeners, worker count,
+//! driver) is logged as needing a restart or a takeover.
 //!
 //! The watcher uses notify on the file's *directory*, because editors and
 //! deploy tools replace files by rename: a watch on the file itself would
@@ -85,6 +85,7 @@ pub fn reload(current: &Current, path: &Path) -> ReloadOutcome {
         }
     };
     let old = current.load_full();
+    let needs_restart = fixed_changes(&old.cfg, &new);
     let mut new = new;
     // Settings fixed for the life of the process keep their running values.
     new.workers = old.cfg.workers;
@@ -98,7 +99,6 @@ pub fn reload(current: &Current, path: &Path) -> ReloadOutcome {
             return ReloadOutcome::Rejected(errors.len());
         }
     };
-    let needs_restart = fixed_changes(&old.cfg, &new);
     for change in &needs_restart {
         tracing::warn!(change = %change, "config: this change needs a restart or a takeover (--takeover) to apply");
     }
@@ -132,4 +132,61 @@ pub fn watch(path: &Path, tx: Sender<()>) -> Result<notify::RecommendedWatcher, 
     .map_err(|e| format!("cannot watch the configuration: {e}"))?;
     watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("atlas.toml");
+        let tmp = dir.join("atlas.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        p
+    }
+
+    const BASE: &str = "[listen]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 0\nworkers = 2\n[[upstreams]]\nname = \"a\"\naddress = \"127.0.0.1:9\"\n";
+
+    #[test]
+    fn bad_file_is_rejected_and_good_file_applied_with_counters_carried() {
+        let dir = std::env::temp_dir().join(format!("atlas-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = write(&dir, BASE);
+        let cfg = atlas_config::load_file(&path).unwrap();
+        let shared = Shared::build(&cfg, None).unwrap();
+        let current = first_generation(cfg, shared);
+        let v0 = current.load().version;
+        current.load().shared.groups[0].inflight.add(1, 0, 3);
+
+        write(&dir, "this is [ not toml");
+        assert_eq!(reload(&current, &path), ReloadOutcome::Rejected(1));
+        assert_eq!(current.load().version, v0, "a rejected reload changes nothing");
+        write(&dir, &BASE.replace("port = 0", "port = 0\nstrategy = \"fastest\""));
+        assert!(matches!(reload(&current, &path), ReloadOutcome::Rejected(_)));
+
+        write(&dir, &format!("{BASE}[[upstreams]]\nname = \"b\"\naddress = \"127.0.0.1:10\"\n[routing]\nstrategy = \"least_connections\"\n"));
+        match reload(&current, &path) {
+            ReloadOutcome::Applied { version, needs_restart } => {
+                assert!(version > v0);
+                assert!(needs_restart.is_empty(), "{needs_restart:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let g = current.load();
+        assert_eq!(g.cfg.listeners[0].strategy, atlas_config::Strategy::LeastConnections);
+        assert_eq!(g.shared.groups[0].len(), 2);
+        assert_eq!(g.shared.groups[0].inflight.total(0), 3, "in-flight count of `a` carried over");
+
+        write(&dir, &BASE.replace("workers = 2", "workers = 3").replace("port = 0", "port = 1").replace("name = \"web\"", "name = \"web\"\nmode = \"tcp\""));
+        match reload(&current, &path) {
+            ReloadOutcome::Applied { needs_restart, .. } => {
+                let all = needs_restart.join("; ");
+                assert!(all.contains("workers 2 -> 3") && all.contains("address") && all.contains("mode http -> tcp"), "{all}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(current.load().cfg.workers, 2, "the worker count of a running process does not change");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
