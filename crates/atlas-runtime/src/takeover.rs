@@ -28,6 +28,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 use nix::sys::socket::{
@@ -37,6 +38,26 @@ use nix::sys::socket::{
 use nix::sys::time::TimeVal;
 
 const VERSION: u32 = 1;
+
+/// The takeover listener of this process (-1: none), so a signal-started
+/// drain can withdraw the offer.
+static LISTENER_FD: AtomicI32 = AtomicI32::new(-1);
+static WITHDRAWN: AtomicBool = AtomicBool::new(false);
+
+/// Withdraws the offer when this process drains without a successor: the
+/// takeover thread closes its copies of the listening sockets (so new
+/// connections are refused once the workers close theirs) and removes the
+/// socket file.
+pub fn withdraw() {
+    WITHDRAWN.store(true, Ordering::SeqCst);
+    let fd = LISTENER_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: shutdown of our own listening socket wakes its accept().
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
+    }
+}
 
 /// A listening socket handed over from the old process.
 pub struct Inherited {
@@ -179,13 +200,22 @@ pub fn serve(path: &Path, offer: Offer) -> Result<(), String> {
     unsafe { libc::umask(old_mask) };
     bound.map_err(|e| err(&format!("cannot listen on {}", path.display()), e))?;
     listen(&listener, Backlog::new(4).unwrap_or(Backlog::MAXCONN)).map_err(|e| err("listen", e))?;
+    LISTENER_FD.store(listener.as_raw_fd(), Ordering::SeqCst);
     let path = path.to_path_buf();
     std::thread::Builder::new()
         .name("atlas-takeover".into())
         .spawn(move || loop {
+            if WITHDRAWN.load(Ordering::SeqCst) {
+                LISTENER_FD.store(-1, Ordering::SeqCst);
+                let _ = std::fs::remove_file(&path);
+                drop(owned);
+                tracing::debug!("takeover: offer withdrawn (draining)");
+                return;
+            }
             let conn = match accept(listener.as_raw_fd()) {
                 // SAFETY: a fresh descriptor from accept.
                 Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+                Err(_) if WITHDRAWN.load(Ordering::SeqCst) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "takeover: accept failed");
                     std::thread::sleep(Duration::from_millis(100));
@@ -194,6 +224,7 @@ pub fn serve(path: &Path, offer: Offer) -> Result<(), String> {
             };
             match hand_over(&conn, &owned, &path) {
                 Ok(()) => {
+                    LISTENER_FD.store(-1, Ordering::SeqCst);
                     tracing::info!("takeover: a new Atlas serves our sockets; draining");
                     return;
                 }

@@ -244,6 +244,9 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
                 let timeout = current.load().cfg.drain_timeout;
                 tracing::info!(signal = ?sig, ?timeout, "draining: no new connections; finishing in-flight requests (signal again to exit at once)");
                 atlas_proxy::drain::request_process_drain();
+                // No successor: our copies of the listening sockets go too,
+                // so new connections are refused rather than left queued.
+                atlas_runtime::takeover::withdraw();
                 draining = Some(Instant::now());
             }
             None => {}

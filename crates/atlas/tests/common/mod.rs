@@ -18,7 +18,7 @@
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -170,6 +170,36 @@ pub struct Atlas {
     pub listeners: Vec<SocketAddr>,
     pub api: Option<SocketAddr>,
     config: Option<PathBuf>,
+    /// The takeover socket path this process was given (`--takeover-socket`)
+    /// when the harness chose it; shared with successors started by
+    /// [`Atlas::start_takeover`], removed when the last of them is dropped.
+    takeover: Option<Arc<SocketPath>>,
+    /// The test waits for (or causes) this process's exit: an exit is not a
+    /// crash.
+    exit_expected: bool,
+}
+
+/// A Unix socket path in the temp directory, removed on drop.
+pub struct SocketPath(pub PathBuf);
+
+impl SocketPath {
+    pub fn new() -> Arc<SocketPath> {
+        Arc::new(SocketPath(temp_path("sock")))
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// True if `cmd` already names a takeover socket.
+fn has_takeover_socket_arg(cmd: &Command) -> bool {
+    cmd.get_args().any(|a| a.to_str().is_some_and(|s| s == "--takeover-socket" || s.starts_with("--takeover-socket=")))
 }
 
 fn log_filter() -> String {
@@ -200,9 +230,43 @@ impl Atlas {
         Self::spawn(cmd, Some(path), listeners, api)
     }
 
+    /// Runs Atlas on a config file the test owns (not removed on drop), e.g.
+    /// one it rewrites to test hot reload.
+    pub fn start_file(path: &Path, listeners: usize) -> Atlas {
+        let text = std::fs::read_to_string(path).expect("read config");
+        let api = text.lines().any(|l| l.trim() == "[api]");
+        let mut cmd = Command::new(BIN);
+        cmd.arg(path);
+        Self::spawn(cmd, None, listeners, api)
+    }
+
+    /// Starts `atlas --takeover` on `config` against `prev`'s takeover
+    /// socket and waits for its `listeners` listening lines.
+    pub fn start_takeover(prev: &Atlas, config: &str, listeners: usize) -> Atlas {
+        let sock = prev.takeover.clone().expect("the previous Atlas has no harness-chosen takeover socket");
+        let path = write_config(config);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--takeover").arg("--takeover-socket").arg(sock.path()).arg(&path);
+        let api = config.lines().any(|l| l.trim() == "[api]");
+        Self::spawn_inner(cmd, Some(path), listeners, api, Some(sock))
+    }
+
     /// Spawns a prepared command (stderr captured) and waits for the
-    /// `listening` lines.
+    /// `listening` lines. Unless `cmd` names one, the process gets its own
+    /// takeover socket (`--takeover-socket <temp path>`) so that parallel
+    /// tests never share the default one.
     pub fn spawn(mut cmd: Command, config: Option<PathBuf>, listeners: usize, api: bool) -> Atlas {
+        let takeover = if has_takeover_socket_arg(&cmd) {
+            None
+        } else {
+            let sock = SocketPath::new();
+            cmd.arg("--takeover-socket").arg(sock.path());
+            Some(sock)
+        };
+        Self::spawn_inner(cmd, config, listeners, api, takeover)
+    }
+
+    fn spawn_inner(mut cmd: Command, config: Option<PathBuf>, listeners: usize, api: bool, takeover: Option<Arc<SocketPath>>) -> Atlas {
         cmd.env("ATLAS_LOG", log_filter()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn atlas");
         let stderr = child.stderr.take().unwrap();
@@ -216,7 +280,7 @@ impl Atlas {
                 let _ = tx.send(line);
             }
         });
-        let mut atlas = Atlas { child, logs, reader: Some(reader), listeners: Vec::new(), api: None, config };
+        let mut atlas = Atlas { child, logs, reader: Some(reader), listeners: Vec::new(), api: None, config, takeover, exit_expected: false };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         while atlas.listeners.len() < listeners || (api && atlas.api.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -259,13 +323,61 @@ impl Atlas {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// The takeover socket path the harness gave this process, if any.
+    pub fn takeover_socket(&self) -> Option<&Path> {
+        self.takeover.as_deref().map(SocketPath::path)
+    }
+
+    /// Sends `signal` (a `kill -s` name: TERM, INT, QUIT, HUP, ...).
+    pub fn signal(&self, signal: &str) {
+        let st = Command::new("kill").arg("-s").arg(signal).arg(self.pid().to_string()).stdout(Stdio::null()).stderr(Stdio::null()).status().expect("run kill");
+        assert!(st.success(), "kill -s {signal} {} failed: {st}", self.pid());
+    }
+
+    /// Declares that the process will exit during the test (drain, takeover):
+    /// its exit is not reported as a crash on drop.
+    pub fn expect_exit(&mut self) {
+        self.exit_expected = true;
+    }
+
+    /// Waits up to `within` for the process to exit (and expects it to).
+    /// `None`: still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        self.exit_expected = true;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stderr lines so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// How many stderr lines so far contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.logs.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until at least `n` stderr lines contain `needle`.
+    pub fn wait_log(&self, needle: &str, n: usize, within: Duration) -> bool {
+        wait_until(within, || self.count_log(needle) >= n)
+    }
 }
 
 impl Drop for Atlas {
     fn drop(&mut self) {
         // Atlas must still be running at the end of a test: an exit means it
         // crashed (or aborted) under the test's traffic.
-        let exited = self.child.try_wait().ok().flatten();
+        let exited = self.child.try_wait().ok().flatten().filter(|_| !self.exit_expected);
         let _ = self.child.kill();
         let _ = self.child.wait();
         if let Some(r) = self.reader.take() {
@@ -708,6 +820,20 @@ impl Client {
         set_timeouts(&stream, IO_TIMEOUT);
         let _ = stream.set_nodelay(true);
         Client { stream, buf: Vec::new() }
+    }
+
+    /// Like [`Client::connect`], but returns the error (refused, timed out).
+    pub fn try_connect(addr: SocketAddr, timeout: Duration) -> io::Result<Client> {
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        set_timeouts(&stream, IO_TIMEOUT);
+        let _ = stream.set_nodelay(true);
+        Ok(Client { stream, buf: Vec::new() })
+    }
+
+    /// Sends a GET for `path` and reads the response, returning any error.
+    pub fn try_get(&mut self, path: &str) -> io::Result<Response> {
+        self.stream.write_all(get_req(path).as_bytes())?;
+        self.try_read_response(false)
     }
 
     pub fn send(&mut self, data: impl AsRef<[u8]>) {
