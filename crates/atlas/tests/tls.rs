@@ -665,6 +665,32 @@ fn certificates_are_reloaded_without_restart() {
     assert_eq!(after.get("/after-again").text(), "/after-again");
 }
 
+#[test]
+fn config_reload_switches_to_other_certificate_files() {
+    let ca = Ca::new("Atlas Test CA");
+    let dir = TempDir::new();
+    let v1 = ca.leaf(&["localhost"], "v1", &rcgen::PKCS_ECDSA_P256_SHA256);
+    let v2 = ca.leaf(&["localhost"], "v2", &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (c1, k1) = v1.write(&dir, "one");
+    let (c2, k2) = v2.write(&dir, "two");
+    let be = Backend::echo_path();
+    let path = dir.write("atlas.toml", &tls_config("http", &[be.addr], &tls_section(&c1, &k1, &[]), ""));
+    let atlas = Atlas::start_file(&path, 1);
+    let addr = atlas.addr();
+    let verified = ClientOpts { ca: Some(&ca), ..Default::default() };
+    let t = tls_connect(addr, "localhost", &verified).unwrap();
+    assert!(peer_leaf(&t) == v1.der);
+    let mut before = HttpOver::new(t);
+    assert_eq!(before.get("/one").text(), "/one");
+
+    // The configuration now names the other pair of files (no file changed).
+    replace_file(&path, &tls_config("http", &[be.addr], &tls_section(&c2, &k2, &[]), ""));
+    assert!(atlas.wait_log("configuration reloaded", 1, Duration::from_secs(5)), "no reload logged");
+    let took = wait_for_cert(addr, &v2.der, Duration::from_secs(3));
+    assert!(took.is_some(), "new handshakes must use the certificate the reloaded configuration names");
+    assert_eq!(before.get("/one-again").text(), "/one-again", "a TLS connection from before the reload keeps working");
+}
+
 // ---------------------------------------------------------------------------
 // --check on bad TLS files
 // ---------------------------------------------------------------------------
