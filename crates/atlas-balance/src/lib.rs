@@ -20,7 +20,7 @@
 //! lines is not worth it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use atlas_config::{Group, Strategy};
@@ -47,13 +47,27 @@ struct Line(AtomicU32);
 /// only ever *stores* into its own line; readers sum the lines. It is held
 /// by `Arc` so a reload that keeps an upstream keeps its counts (requests
 /// started before the reload finish against the same counters).
+///
+/// It also carries the upstream's health as the active checker last
+/// published it: read on every pick (a read-mostly line that only changes
+/// on a transition), written only by the checker thread.
 pub struct UpstreamCounters {
     lines: Box<[Line]>,
+    healthy: AtomicBool,
 }
 
 impl UpstreamCounters {
     pub fn new(workers: usize) -> Self {
-        UpstreamCounters { lines: (0..workers.max(1)).map(|_| Line::default()).collect() }
+        UpstreamCounters { lines: (0..workers.max(1)).map(|_| Line::default()).collect(), healthy: AtomicBool::new(true) }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Publishes a health verdict; returns whether it changed.
+    pub fn set_healthy(&self, up: bool) -> bool {
+        self.healthy.swap(up, Ordering::Relaxed) != up
     }
 
     /// Called only by `worker` itself: a plain store, never contended.
@@ -202,7 +216,7 @@ impl Picker {
     /// tried for this request (retry); indexes past 63 are never excluded.
     pub fn pick(&mut self, group: &GroupShared, hash: u64, excluded: u64) -> Option<usize> {
         let n = group.len();
-        let usable = |i: usize| group.weights[i] > 0 && (i >= 64 || excluded & (1u64 << i) == 0);
+        let usable = |i: usize| group.weights[i] > 0 && (i >= 64 || excluded & (1u64 << i) == 0) && group.inflight.counters(i).is_healthy();
         if n == 0 {
             return None;
         }
@@ -217,10 +231,12 @@ impl Picker {
             Strategy::RoundRobin => {
                 // nginx's smooth weighted round robin.
                 let mut best = usize::MAX;
+                let mut total = 0i64;
                 for i in 0..n {
-                    if group.weights[i] == 0 {
+                    if !usable(i) {
                         continue;
                     }
+                    total += group.weights[i] as i64;
                     self.current[i] += group.weights[i] as i64;
                     if best == usize::MAX || self.current[i] > self.current[best] {
                         best = i;
@@ -229,7 +245,7 @@ impl Picker {
                 if best == usize::MAX {
                     return None;
                 }
-                self.current[best] -= self.total_weight;
+                self.current[best] -= total;
                 best
             }
             Strategy::Random if self.equal_weights => self.rng.usize(..n),

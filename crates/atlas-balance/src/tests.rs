@@ -174,3 +174,24 @@ fn reload_carries_in_flight_counts_of_remaining_upstreams() {
     let mut p = Picker::new(Strategy::LeastConnections, &new, 0);
     assert_eq!(p.pick(&new, 0, 0), Some(1), "least_connections avoids the busy carried-over upstream");
 }
+
+#[test]
+fn unhealthy_upstreams_are_skipped_by_every_strategy() {
+    let g = group(&[1, 2, 1]);
+    assert!(g.inflight.counters(1).set_healthy(false));
+    assert!(!g.inflight.counters(1).set_healthy(false), "no transition the second time");
+    for s in [Strategy::RoundRobin, Strategy::Random, Strategy::LeastConnections, Strategy::Hash] {
+        let mut p = Picker::new(s, &g, 2);
+        let c = counts(&mut p, &g, 600);
+        assert_eq!(c[1], 0, "{s:?}: {c:?}");
+        assert!(c[0] > 0 && c[2] > 0, "{s:?}: {c:?}");
+    }
+    // Smooth WRR stays exact over the healthy ones.
+    let mut p = Picker::new(Strategy::RoundRobin, &g, 0);
+    assert_eq!(counts(&mut p, &g, 400), vec![200, 0, 200]);
+    for i in 0..3 {
+        g.inflight.counters(i).set_healthy(false);
+    }
+    let mut p = Picker::new(Strategy::RoundRobin, &g, 0);
+    assert_eq!(p.pick(&g, 0, 0), None, "all down: nothing to pick");
+}

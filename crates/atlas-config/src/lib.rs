@@ -300,6 +300,50 @@ impl Default for Pool {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthCheck {
+    None,
+    /// A TCP connect.
+    Tcp,
+    /// `GET path` answered with the expected status.
+    Http,
+}
+
+/// Active and passive health checking of upstreams.
+#[derive(Debug, Clone)]
+pub struct Health {
+    pub check: HealthCheck,
+    pub path: String,
+    pub expect_status: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes before a down upstream is up again.
+    pub rise: u32,
+    /// Consecutive failures before an up upstream is down.
+    pub fall: u32,
+    /// Passive: consecutive failed requests (connect error, reset, 5xx)
+    /// that eject an upstream from a worker's rotation (0: off) ...
+    pub max_fails: u32,
+    /// ... for this long, after which it is tried again.
+    pub fail_timeout: Duration,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            check: HealthCheck::None,
+            path: "/".into(),
+            expect_status: 200,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            max_fails: 3,
+            fail_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The validated configuration every other part of Atlas runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -320,6 +364,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub pool: Pool,
+    pub health: Health,
 }
 
 /// Loads and validates a configuration file.

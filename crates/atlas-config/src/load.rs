@@ -126,7 +126,7 @@ fn table_array<T: DeserializeOwned>(diag: &mut Diag<'_>, root: &DeTable<'_>, key
     out
 }
 
-const SECTIONS: &[&str] = &["listen", "listeners", "upstreams", "routing", "static_files", "runtime", "api", "timeouts", "limits", "pool", "routes"];
+const SECTIONS: &[&str] = &["listen", "listeners", "upstreams", "routing", "static_files", "runtime", "api", "timeouts", "limits", "pool", "routes", "health"];
 
 pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
     let (doc, errors) = DeTable::parse_recoverable(diag.text);
@@ -149,6 +149,7 @@ pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
             "limits" => raw.limits = section(diag, root, key, v).unwrap_or_default(),
             "pool" => raw.pool = section(diag, root, key, v).unwrap_or_default(),
             "routes" => raw.routes = table_array(diag, root, key, v),
+            "health" => raw.health = section(diag, root, key, v).unwrap_or_default(),
             other => diag.push(Some(k.span()), other, format!("unknown section `{other}`, expected one of: {}", SECTIONS.join(", "))),
         }
     }

@@ -137,6 +137,23 @@ pub struct RawLimits {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// `none` (default), `tcp` or `http`.
+    pub check: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub expect_status: Option<Spanned<i64>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+    /// Passive checks: consecutive failures that eject an upstream ...
+    pub max_fails: Option<Spanned<i64>>,
+    /// ... for this long.
+    pub fail_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawPool {
     pub max_idle_per_upstream: Option<Spanned<i64>>,
     pub idle_timeout: Option<Spanned<String>>,
@@ -157,4 +174,5 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub pool: RawPool,
     pub routes: Vec<Spanned<RawRoute>>,
+    pub health: RawHealth,
 }

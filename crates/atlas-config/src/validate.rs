@@ -458,6 +458,38 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
         idle_timeout: duration(diag, &raw.pool.idle_timeout, "pool.idle_timeout", dp.idle_timeout),
     };
 
+    let h = &raw.health;
+    let dh = Health::default();
+    let health = Health {
+        check: match &h.check {
+            None => HealthCheck::None,
+            Some(c) => match c.get_ref().as_str() {
+                "none" => HealthCheck::None,
+                "tcp" => HealthCheck::Tcp,
+                "http" => HealthCheck::Http,
+                other => {
+                    diag.at(c, "health.check", format!("unknown check `{other}`, expected none, tcp or http"));
+                    HealthCheck::None
+                }
+            },
+        },
+        path: match &h.path {
+            Some(p) if !p.get_ref().starts_with('/') || p.get_ref().bytes().any(|b| b <= b' ' || b == 0x7f) => {
+                diag.at(p, "health.path", "must start with `/` and contain no spaces or control characters");
+                dh.path.clone()
+            }
+            Some(p) => p.get_ref().clone(),
+            None => dh.path.clone(),
+        },
+        expect_status: int_in(diag, &h.expect_status, "health.expect_status", 100, 599, dh.expect_status as i64) as u16,
+        interval: duration(diag, &h.interval, "health.interval", dh.interval),
+        timeout: duration(diag, &h.timeout, "health.timeout", dh.timeout),
+        rise: int_in(diag, &h.rise, "health.rise", 1, 100, dh.rise as i64) as u32,
+        fall: int_in(diag, &h.fall, "health.fall", 1, 100, dh.fall as i64) as u32,
+        max_fails: int_in(diag, &h.max_fails, "health.max_fails", 0, 1000, dh.max_fails as i64) as u32,
+        fail_timeout: duration(diag, &h.fail_timeout, "health.fail_timeout", dh.fail_timeout),
+    };
+
     Config {
         source: None,
         driver,
@@ -473,6 +505,7 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
         timeouts,
         limits,
         pool,
+        health,
     }
 }
 

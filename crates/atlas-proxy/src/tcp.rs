@@ -59,7 +59,10 @@ async fn splice_half<R: AsReadFd, W: AsWriteFd + AsyncWriteRent>(from: &mut R, t
 async fn connect_for(ctx: &ListenerCtx, up: &upstream::Upstreams, peer: SocketAddr) -> Option<upstream::Connected> {
     let mut excluded = 0;
     match upstream::connect(ctx, up, client_hash(ctx, peer), &mut excluded, false).await {
-        Ok(c) => Some(c),
+        Ok(c) => {
+            up.record(c.idx, true);
+            Some(c)
+        }
         Err(e) => {
             crate::log_limited(|| tracing::warn!(%peer, error = %e, "tcp: no upstream, closing client"));
             None

@@ -103,6 +103,66 @@ pub struct Upstreams {
     pub picker: RefCell<Picker>,
     /// Per upstream (same order as the group): TLS settings, if any.
     pub tls: Arc<Vec<Option<ClientTls>>>,
+    pub passive: RefCell<Passive>,
+}
+
+/// Passive health (outlier detection), per worker: `max_fails`
+/// consecutive failed requests (connect errors, resets, 5xx) eject an
+/// upstream from this worker's rotation for `fail_timeout`; then it is
+/// tried again. Worker-local, so no shared writes on the request path.
+pub struct Passive {
+    max_fails: u32,
+    fail_timeout: std::time::Duration,
+    fails: Vec<u32>,
+    until: Vec<Option<std::time::Instant>>,
+    /// Bit i set: upstream i is ejected (indexes past 63 are never ejected).
+    mask: u64,
+}
+
+impl Passive {
+    pub fn new(upstreams: usize, max_fails: u32, fail_timeout: std::time::Duration) -> Self {
+        Passive { max_fails, fail_timeout, fails: vec![0; upstreams], until: vec![None; upstreams], mask: 0 }
+    }
+
+    /// Upstreams currently ejected, as an exclusion mask.
+    pub fn mask(&mut self) -> u64 {
+        if self.mask != 0 {
+            let now = std::time::Instant::now();
+            for i in 0..self.until.len().min(64) {
+                if self.until[i].is_some_and(|t| now >= t) {
+                    self.until[i] = None;
+                    self.mask &= !(1 << i);
+                }
+            }
+        }
+        self.mask
+    }
+
+    /// Records a request's outcome; returns true when it ejects the upstream.
+    pub fn record(&mut self, idx: usize, ok: bool) -> bool {
+        let Some(f) = self.fails.get_mut(idx) else { return false };
+        if ok {
+            *f = 0;
+            return false;
+        }
+        *f += 1;
+        if self.max_fails == 0 || *f < self.max_fails || idx >= 64 {
+            return false;
+        }
+        *f = 0;
+        self.until[idx] = Some(std::time::Instant::now() + self.fail_timeout);
+        self.mask |= 1 << idx;
+        true
+    }
+}
+
+impl Upstreams {
+    /// Records the outcome of a request to upstream `idx` (passive health).
+    pub fn record(&self, idx: usize, ok: bool) {
+        if self.passive.borrow_mut().record(idx, ok) {
+            tracing::warn!(upstream = %self.group.names[idx], addr = %self.group.addrs[idx], "upstream ejected after consecutive failures (passive health check)");
+        }
+    }
 }
 
 /// Counts a request in flight on one upstream for as long as it lives.
@@ -158,9 +218,15 @@ async fn dial(ctx: &ListenerCtx, addr: SocketAddr, tls: Option<&ClientTls>) -> R
 pub async fn connect(ctx: &ListenerCtx, up: &Upstreams, hash: u64, excluded: &mut u64, use_pool: bool) -> Result<Connected, ProxyError> {
     let group = &up.group;
     let attempts = group.len().clamp(1, 3);
-    let mut last = ProxyError::new(Side::Config, true, "no usable upstream");
+    let mut last = ProxyError::new(Side::Config, true, "no healthy upstream");
     for _ in 0..attempts {
-        let Some(idx) = up.picker.borrow_mut().pick(group, hash, *excluded) else {
+        let ejected = up.passive.borrow_mut().mask();
+        let picked = match up.picker.borrow_mut().pick(group, hash, *excluded | ejected) {
+            // Everything left is ejected: fail open rather than refuse.
+            None if ejected != 0 => up.picker.borrow_mut().pick(group, hash, *excluded),
+            p => p,
+        };
+        let Some(idx) = picked else {
             break;
         };
         let addr = group.addrs[idx];
@@ -174,6 +240,7 @@ pub async fn connect(ctx: &ListenerCtx, up: &Upstreams, hash: u64, excluded: &mu
             Ok(conn) => return Ok(Connected { idx, addr, tls: tls.is_some(), conn, reused: false }),
             Err(e) => {
                 crate::log_limited(|| tracing::warn!(upstream = %group.names[idx], %addr, error = %e, "upstream connect failed"));
+                up.record(idx, false);
                 last = e;
             }
         }

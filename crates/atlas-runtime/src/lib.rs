@@ -9,6 +9,7 @@
 //! that `least_connections` reads.
 
 pub mod control;
+pub mod health;
 mod listen;
 mod shared;
 pub mod takeover;

@@ -20,6 +20,7 @@ use atlas_proxy::io::{read_more, write_vec};
 use atlas_proxy::pool::ConnPool;
 use atlas_proxy::static_files::fs::{FileCache, Root};
 use atlas_proxy::static_files::StaticSite;
+use atlas_proxy::upstream::Passive;
 use atlas_proxy::{ListenerCtx, Target, Upstreams};
 use monoio::io::Canceller;
 use monoio::net::{TcpListener, TcpStream};
@@ -93,7 +94,9 @@ impl CtxBuilder<'_> {
         self.seeds += 1;
         let g = self.shared.groups[group].clone();
         let picker = RefCell::new(Picker::new(strategy, &g, (self.w as u64) << 32 | self.seeds));
-        Target::Upstreams(Upstreams { group: g, picker, tls: self.shared.group_tls[group].clone() })
+        let h = &self.cfg.health;
+        let passive = RefCell::new(Passive::new(g.len(), h.max_fails, h.fail_timeout));
+        Target::Upstreams(Upstreams { group: g, picker, tls: self.shared.group_tls[group].clone(), passive })
     }
 
     fn site(&mut self, root: &Path, strip_prefix: Option<String>) -> Option<Target> {

@@ -202,6 +202,7 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
         );
     }
     let workers = atlas_runtime::start(current.clone(), bound, driver).map_err(|e| format!("internal: cannot start workers: {e}"))?;
+    atlas_runtime::health::spawn(current.clone());
     // Serving now: let the previous process go, then offer our sockets to the next.
     let offered = match session {
         Some(session) => session.finish(offer).map(|()| tracing::info!("takeover: complete; the previous Atlas is draining")),

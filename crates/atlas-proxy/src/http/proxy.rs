@@ -322,7 +322,7 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "no upstream");
                 let keep = replayable && info.keep_alive;
-                let msg = if e.side == Side::Config { "no upstream available" } else { "upstream unavailable" };
+                let msg = if e.side == Side::Config { "no healthy upstream available" } else { "upstream unavailable" };
                 return reply(client, b, e.status(), msg, keep, info.is_head).await;
             }
         };
@@ -340,7 +340,7 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
             Err(e) => Err(e),
         };
         match result {
-            Ok(deadline) => return respond(ctx, client, c, b, &info, deadline).await,
+            Ok(deadline) => return respond(ctx, client, up, c, b, &info, deadline).await,
             Err(e) if e.side == Side::Upstream && e.retry_safe && replayable && c.reused && tries < 3 => {
                 // A pooled connection the upstream had closed: once more, fresh.
                 tracing::debug!(error = %e, "stale pooled connection, retrying on a fresh one");
@@ -353,6 +353,7 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
                 return Step::Close;
             }
             Err(e) => {
+                up.record(c.idx, false);
                 crate::log_limited(|| tracing::warn!(%peer, upstream = %group.names[c.idx], error = %e, "request failed"));
                 let keep = info.keep_alive && replayable;
                 let msg = if e.status() == 504 { "upstream timed out" } else { "upstream failed" };
@@ -363,7 +364,15 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
 }
 
 /// Sends the response whose head is in `ubuf` to the client, then the body.
-async fn respond<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, mut c: upstream::Connected, b: &mut Bufs, req: &RequestInfo, deadline: Instant) -> Step {
+async fn respond<S: ClientStream>(
+    ctx: &ListenerCtx,
+    client: &mut S,
+    up: &upstream::Upstreams,
+    mut c: upstream::Connected,
+    b: &mut Bufs,
+    req: &RequestInfo,
+    deadline: Instant,
+) -> Step {
     // While draining, answer with `Connection: close` so the client goes elsewhere.
     let keep = req.keep_alive && !Drain::current().is_draining();
     let rctx = ResponseCtx { client_http11: req.http11, client_keep_alive: keep, request_is_head: req.is_head, request_upgrade: req.upgrade };
@@ -397,6 +406,7 @@ async fn respond<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, mut c: upst
             }
         }
     };
+    up.record(c.idx, res.status < 500);
     let rest_start = res.head_len;
     if res.status == 101 {
         // Switching protocols: head now, leftovers in `tunnel`.
