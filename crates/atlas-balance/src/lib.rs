@@ -146,6 +146,8 @@ pub struct GroupShared {
     pub addrs: Vec<SocketAddr>,
     pub names: Vec<String>,
     pub weights: Vec<u32>,
+    /// Per upstream: most requests in flight across the process (0: no limit).
+    pub max_conns: Vec<u32>,
     pub inflight: InflightTable,
     pub ring: HashRing,
 }
@@ -174,6 +176,7 @@ impl GroupShared {
             addrs: group.upstreams.iter().map(|u| u.addr).collect(),
             names: group.upstreams.iter().map(|u| u.name.clone()).collect(),
             weights: group.upstreams.iter().map(|u| u.weight).collect(),
+            max_conns: group.upstreams.iter().map(|u| u.max_conns).collect(),
             inflight: InflightTable { upstreams: counters },
             ring: HashRing::new(&nw),
         }
@@ -181,6 +184,21 @@ impl GroupShared {
 
     pub fn len(&self) -> usize {
         self.addrs.len()
+    }
+
+    /// Upstreams at their `max_conns`, as an exclusion mask (first 64).
+    pub fn full_mask(&self) -> u64 {
+        let mut mask = 0;
+        for (i, &m) in self.max_conns.iter().enumerate().take(64) {
+            if m > 0 && self.inflight.total(i) >= m {
+                mask |= 1 << i;
+            }
+        }
+        mask
+    }
+
+    pub fn has_limits(&self) -> bool {
+        self.max_conns.iter().any(|&m| m > 0)
     }
 
     pub fn is_empty(&self) -> bool {

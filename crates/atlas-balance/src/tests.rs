@@ -15,6 +15,7 @@ fn group(weights: &[u32]) -> GroupShared {
             port: 1000 + i as u16,
             addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
             weight: w,
+            max_conns: 0,
             tls: None,
         })
         .collect();
@@ -161,6 +162,7 @@ fn reload_carries_in_flight_counts_of_remaining_upstreams() {
             port,
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             weight: 1,
+            max_conns: 0,
             tls: None,
         });
     }

@@ -211,6 +211,8 @@ pub struct Listener {
     pub backlog: u32,
     /// Static root of a `static` listener (canonical path).
     pub static_root: Option<PathBuf>,
+    /// Most open client connections on this listener (0: no limit).
+    pub max_connections: usize,
     /// Prefix routes, longest first.
     pub routes: Vec<Route>,
 }
@@ -224,6 +226,8 @@ pub struct Upstream {
     /// Resolved when the configuration was loaded.
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Most requests in flight to it across the process (0: no limit).
+    pub max_conns: u32,
     pub tls: Option<UpstreamTls>,
 }
 
@@ -278,11 +282,34 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most request headers; beyond: 431.
     pub max_headers: usize,
+    /// Largest request body (0: no limit); beyond: 413.
+    pub max_body_bytes: u64,
+    /// Most open client connections per worker (0: no limit); beyond, a
+    /// new connection is accepted and closed at once.
+    pub max_connections: usize,
+    /// How long a request may wait for an upstream below its `max_conns`
+    /// (zero: answer 503 at once).
+    pub queue_timeout: Duration,
+    /// Per client IP, per worker (0: off): open connections ...
+    pub per_ip_connections: u32,
+    /// ... and requests per second (token bucket, `per_ip_burst` deep);
+    /// beyond: 429 (HTTP) or the connection closed (TCP).
+    pub per_ip_requests_per_sec: f64,
+    pub per_ip_burst: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_header_bytes: 16 * 1024, max_headers: 100 }
+        Limits {
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_body_bytes: 0,
+            max_connections: 0,
+            queue_timeout: Duration::ZERO,
+            per_ip_connections: 0,
+            per_ip_requests_per_sec: 0.0,
+            per_ip_burst: 0,
+        }
     }
 }
 

@@ -27,6 +27,8 @@ pub struct RawListener {
     pub backlog: Option<Spanned<i64>>,
     /// Static root for this listener (overrides `[static_files] root`).
     pub root: Option<Spanned<String>>,
+    /// Most open client connections on this listener (whole process).
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +58,8 @@ pub struct RawUpstream {
     pub port: Option<Spanned<i64>>,
     pub weight: Option<Spanned<i64>>,
     pub group: Option<Spanned<String>>,
+    /// Most requests in flight to this upstream (whole process).
+    pub max_conns: Option<Spanned<i64>>,
     /// Speak TLS to this upstream.
     pub tls: Option<bool>,
     /// PEM file of CA certificates to verify it (default: Mozilla's roots).
@@ -133,6 +137,12 @@ pub struct RawTimeouts {
 pub struct RawLimits {
     pub max_header_bytes: Option<Spanned<i64>>,
     pub max_headers: Option<Spanned<i64>>,
+    pub max_body_bytes: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub queue_timeout: Option<Spanned<String>>,
+    pub per_ip_connections: Option<Spanned<i64>>,
+    pub per_ip_requests_per_sec: Option<Spanned<f64>>,
+    pub per_ip_burst: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

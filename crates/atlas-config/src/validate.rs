@@ -229,7 +229,19 @@ fn listener(diag: &mut Diag<'_>, raw: &Spanned<RawListener>, key: &str, index: u
     }
     let group_name = r.group.clone().unwrap_or_else(|| Spanned::new(raw.span(), "default".to_string()));
     Some(ListenerDraft {
-        listener: Listener { name, addr: addr?, mode, tls, group: None, strategy, hash_key, backlog, static_root, routes: Vec::new() },
+        listener: Listener {
+            name,
+            addr: addr?,
+            mode,
+            tls,
+            group: None,
+            strategy,
+            hash_key,
+            backlog,
+            static_root,
+            max_connections: int_in(diag, &r.max_connections, &format!("{key}.max_connections"), 0, 10_000_000, 0) as usize,
+            routes: Vec::new(),
+        },
         group_name,
         key: key.to_string(),
     })
@@ -284,7 +296,8 @@ fn upstream(diag: &mut Diag<'_>, raw: &Spanned<RawUpstream>, key: &str) -> Optio
         }
         None
     };
-    Some((group, Upstream { name, host, port, addr, weight, tls }))
+    let max_conns = int_in(diag, &r.max_conns, &format!("{key}.max_conns"), 0, 10_000_000, 0) as u32;
+    Some((group, Upstream { name, host, port, addr, weight, max_conns, tls }))
 }
 
 pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
@@ -450,6 +463,25 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
     let limits = Limits {
         max_header_bytes: int_in(diag, &raw.limits.max_header_bytes, "limits.max_header_bytes", 1024, 1 << 20, dl.max_header_bytes as i64) as usize,
         max_headers: int_in(diag, &raw.limits.max_headers, "limits.max_headers", 8, 1000, dl.max_headers as i64) as usize,
+        max_body_bytes: int_in(diag, &raw.limits.max_body_bytes, "limits.max_body_bytes", 0, i64::MAX, 0) as u64,
+        max_connections: int_in(diag, &raw.limits.max_connections, "limits.max_connections", 0, 10_000_000, 0) as usize,
+        queue_timeout: match &raw.limits.queue_timeout {
+            None => Duration::ZERO,
+            Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
+                diag.at(v, "limits.queue_timeout", e);
+                Duration::ZERO
+            }),
+        },
+        per_ip_connections: int_in(diag, &raw.limits.per_ip_connections, "limits.per_ip_connections", 0, 1_000_000, 0) as u32,
+        per_ip_requests_per_sec: match &raw.limits.per_ip_requests_per_sec {
+            None => 0.0,
+            Some(v) if v.get_ref().is_finite() && *v.get_ref() >= 0.0 => *v.get_ref(),
+            Some(v) => {
+                diag.at(v, "limits.per_ip_requests_per_sec", "must be a number >= 0");
+                0.0
+            }
+        },
+        per_ip_burst: int_in(diag, &raw.limits.per_ip_burst, "limits.per_ip_burst", 0, 1_000_000, 0) as u32,
     };
     let dp = Pool::default();
     let pool = Pool {

@@ -40,6 +40,7 @@ impl ProxyError {
         match (self.side, self.what) {
             (Side::Upstream, w) if w.contains("timed out") => 504,
             (Side::Upstream, _) => 502,
+            (Side::Client, w) if w.contains("too large") => 413,
             (Side::Config, _) => 503,
             (Side::Client, _) => 400,
             (Side::Internal, _) => 500,

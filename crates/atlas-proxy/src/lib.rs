@@ -13,6 +13,7 @@ pub mod drain;
 pub mod error;
 pub mod http;
 pub mod io;
+pub mod limits;
 pub mod pool;
 pub mod static_files;
 pub mod tcp;
@@ -51,6 +52,8 @@ pub struct ListenerCtx {
     pub pool: Rc<pool::ConnPool>,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// This listener's open connections (all workers) and their limit.
+    pub conns: limits::ListenerConns,
     /// Set by a reload: the context that replaces this one. Connections
     /// follow it at their next request; in-flight requests finish on the
     /// context they started with.

@@ -219,12 +219,25 @@ pub async fn connect(ctx: &ListenerCtx, up: &Upstreams, hash: u64, excluded: &mu
     let group = &up.group;
     let attempts = group.len().clamp(1, 3);
     let mut last = ProxyError::new(Side::Config, true, "no healthy upstream");
+    let queue_until = std::time::Instant::now() + ctx.limits.queue_timeout;
     for _ in 0..attempts {
-        let ejected = up.passive.borrow_mut().mask();
-        let picked = match up.picker.borrow_mut().pick(group, hash, *excluded | ejected) {
-            // Everything left is ejected: fail open rather than refuse.
-            None if ejected != 0 => up.picker.borrow_mut().pick(group, hash, *excluded),
-            p => p,
+        let picked = loop {
+            let ejected = up.passive.borrow_mut().mask();
+            let full = if group.has_limits() { group.full_mask() } else { 0 };
+            let picked = match up.picker.borrow_mut().pick(group, hash, *excluded | ejected | full) {
+                // Everything left is ejected: fail open rather than refuse.
+                None if ejected != 0 => up.picker.borrow_mut().pick(group, hash, *excluded | full),
+                p => p,
+            };
+            if picked.is_none() && full != 0 {
+                // Every candidate is at its max_conns: queue a while, or give up.
+                if std::time::Instant::now() < queue_until {
+                    monoio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    continue;
+                }
+                last = ProxyError::new(Side::Config, true, "every upstream is at its max_conns");
+            }
+            break picked;
         };
         let Some(idx) = picked else {
             break;

@@ -3,11 +3,14 @@
 //! per connection onto the same thread (no cross-thread hand-off).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
+use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,6 +20,7 @@ use atlas_config::{Config, Listener, Mode, RouteTarget, Strategy};
 use atlas_proxy::drain::{self, Drain};
 use atlas_proxy::http::codec::simple_response;
 use atlas_proxy::io::{read_more, write_vec};
+use atlas_proxy::limits::ListenerConns;
 use atlas_proxy::pool::ConnPool;
 use atlas_proxy::static_files::fs::{FileCache, Root};
 use atlas_proxy::static_files::StaticSite;
@@ -141,9 +145,18 @@ impl CtxBuilder<'_> {
             pool: self.pool.clone(),
             timeouts: self.cfg.timeouts,
             limits: self.cfg.limits,
+            conns: ListenerConns { count: listener_counter(&l.name), max: l.max_connections },
             next: RefCell::new(None),
         }
     }
+}
+
+/// The open-connection count of a listener, shared by every worker and kept
+/// across reloads (by listener name).
+fn listener_counter(name: &str) -> Arc<AtomicUsize> {
+    static REGISTRY: OnceLock<Mutex<HashMap<String, Arc<AtomicUsize>>>> = OnceLock::new();
+    let mut reg = REGISTRY.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    reg.entry(name.to_string()).or_default().clone()
 }
 
 async fn worker_main(w: usize, current: Current, sockets: Vec<(usize, StdListener)>) {
@@ -183,6 +196,7 @@ async fn worker_main(w: usize, current: Current, sockets: Vec<(usize, StdListene
         }
         if last_sweep.elapsed() >= Duration::from_secs(1) {
             pool.sweep();
+            atlas_proxy::limits::sweep(&current.load().cfg.limits);
             last_sweep = Instant::now();
         }
     }
@@ -230,24 +244,41 @@ async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
         if let Some(newer) = ListenerCtx::latest(&ctx) {
             ctx = newer;
         }
+        // Limits: past them the connection is accepted and closed at once.
+        let limits = &ctx.limits;
+        if limits.max_connections > 0 && drain.live() >= limits.max_connections {
+            atlas_proxy::log_limited(
+                || tracing::warn!(listener = %ctx.name, limit = limits.max_connections, "worker connection limit reached; closing new connections"),
+            );
+            continue;
+        }
+        let Some(listener_slot) = ctx.conns.admit() else {
+            atlas_proxy::log_limited(
+                || tracing::warn!(listener = %ctx.name, limit = ctx.conns.max, "listener connection limit reached; closing new connections"),
+            );
+            continue;
+        };
+        let Some(ip_slot) = atlas_proxy::limits::admit_connection(peer.ip(), limits) else {
+            atlas_proxy::log_limited(|| tracing::warn!(listener = %ctx.name, %peer, "per-IP connection limit reached; closing"));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
-        match (&ctx.tls, ctx.mode) {
-            (None, Mode::Http | Mode::Static) => {
-                let fd = stream.as_raw_fd();
-                monoio::spawn(atlas_proxy::http::serve(ctx, stream, peer, fd));
+        monoio::spawn(async move {
+            let _slots = (listener_slot, ip_slot);
+            match (&ctx.tls, ctx.mode) {
+                (None, Mode::Http | Mode::Static) => {
+                    let fd = stream.as_raw_fd();
+                    atlas_proxy::http::serve(ctx, stream, peer, fd).await
+                }
+                (None, Mode::Tcp) => atlas_proxy::tcp::serve_plain(ctx, stream, peer).await,
+                (None, Mode::Game | Mode::Firehose) => not_yet(stream).await,
+                (Some(acceptor), _) => {
+                    let acceptor = acceptor.clone();
+                    serve_tls(ctx, acceptor, stream, peer).await
+                }
             }
-            (None, Mode::Tcp) => {
-                monoio::spawn(atlas_proxy::tcp::serve_plain(ctx, stream, peer));
-            }
-            (None, Mode::Game | Mode::Firehose) => {
-                monoio::spawn(not_yet(stream));
-            }
-            (Some(acceptor), _) => {
-                let acceptor = acceptor.clone();
-                monoio::spawn(serve_tls(ctx, acceptor, stream, peer));
-            }
-        }
+        });
     }
     tracing::debug!(listener = %ctx.name, "stopped accepting");
 }

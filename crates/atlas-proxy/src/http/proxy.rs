@@ -180,7 +180,7 @@ enum BodyLeft {
 
 /// Appends the body bytes already buffered to `out` and consumes the head
 /// and those bytes from `cbuf`.
-fn take_initial_body(info: &RequestInfo, b: &mut Bufs) -> Result<BodyLeft, &'static str> {
+fn take_initial_body(info: &RequestInfo, b: &mut Bufs) -> Result<(BodyLeft, u64), &'static str> {
     let rest = &b.cbuf[info.head_len..];
     let (used, left) = match info.body {
         BodyKind::None | BodyKind::UntilClose => (0, BodyLeft::Done),
@@ -196,7 +196,7 @@ fn take_initial_body(info: &RequestInfo, b: &mut Bufs) -> Result<BodyLeft, &'sta
     };
     b.out.extend_from_slice(&rest[..used]);
     b.cbuf.drain(..info.head_len + used);
-    Ok(left)
+    Ok((left, used as u64))
 }
 
 /// Streams the rest of a request body from client to upstream.
@@ -206,6 +206,7 @@ async fn stream_request_body<S: AsyncReadRent>(
     up: &mut UpstreamConn,
     b: &mut Bufs,
     mut left: BodyLeft,
+    mut sent: u64,
 ) -> Result<(), ProxyError> {
     loop {
         let need = match &left {
@@ -238,6 +239,10 @@ async fn stream_request_body<S: AsyncReadRent>(
                 used
             }
         };
+        sent += used as u64;
+        if ctx.limits.max_body_bytes > 0 && sent > ctx.limits.max_body_bytes {
+            return Err(ProxyError::new(Side::Client, false, "request body too large"));
+        }
         write_range(up, &mut b.cbuf, 0..used).await.map_err(|e| ProxyError::io(Side::Upstream, false, "upstream write failed", e))?;
         b.cbuf.drain(..used);
     }
@@ -299,7 +304,24 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
         }
         None => return reply(client, b, 503, "no route for this path", false, info.is_head).await,
     };
-    let left = match take_initial_body(&info, b) {
+    if !crate::limits::admit_request(peer.ip(), &ctx.limits) {
+        let keep = info.keep_alive && info.body == BodyKind::None;
+        b.out = codec::simple_response(429, "too many requests from this address", keep, info.is_head, "Retry-After: 1\r\n");
+        return match write_vec(client, &mut b.out).await {
+            Ok(()) if keep => {
+                b.cbuf.drain(..info.head_len);
+                Step::KeepAlive
+            }
+            _ => Step::Close,
+        };
+    }
+    let max_body = ctx.limits.max_body_bytes;
+    if let (BodyKind::Length(n), true) = (info.body, max_body > 0) {
+        if n > max_body {
+            return reply(client, b, 413, "request body too large", false, info.is_head).await;
+        }
+    }
+    let (left, initial_body) = match take_initial_body(&info, b) {
         Ok(l) => l,
         Err(why) => return reply(client, b, 400, why, false, info.is_head).await,
     };
@@ -322,14 +344,18 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "no upstream");
                 let keep = replayable && info.keep_alive;
-                let msg = if e.side == Side::Config { "no healthy upstream available" } else { "upstream unavailable" };
+                let msg = match e.side {
+                    Side::Config if e.what.contains("max_conns") => "upstreams busy",
+                    Side::Config => "no healthy upstream available",
+                    _ => "upstream unavailable",
+                };
                 return reply(client, b, e.status(), msg, keep, info.is_head).await;
             }
         };
         let _inflight = InflightGuard::new(group, ctx.worker, c.idx);
         let sent = match write_vec(&mut c.conn, &mut b.out).await {
             Ok(()) => match left.take() {
-                Some(l) => stream_request_body(ctx, client, &mut c.conn, b, l).await,
+                Some(l) => stream_request_body(ctx, client, &mut c.conn, b, l, initial_body).await,
                 None => Ok(()),
             },
             Err(e) => Err(ProxyError::io(Side::Upstream, true, "upstream write failed", e)),
@@ -347,6 +373,9 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
                 use_pool = false;
                 left = Some(BodyLeft::Done);
                 continue;
+            }
+            Err(e) if e.side == Side::Client && e.status() == 413 => {
+                return reply(client, b, 413, "request body too large", false, info.is_head).await;
             }
             Err(e) if e.side == Side::Client => {
                 tracing::debug!(%peer, error = %e, "client failed during the request");

@@ -593,6 +593,12 @@ pub struct BackendState {
     raw: Mutex<Vec<u8>>,
     requests: Mutex<Vec<Request>>,
     stop: AtomicBool,
+    /// Set once the accept loop has ended (its listener is closed).
+    accept_done: AtomicBool,
+    /// Clones of the open connections, by id, for [`Backend::kill`]; only
+    /// for backends made by [`Backend::http_tracked`] / [`Backend::http_at`]
+    /// (`None` otherwise, so other backends close exactly as before).
+    tracked: Mutex<Option<std::collections::HashMap<usize, TcpStream>>>,
 }
 
 /// A test server on 127.0.0.1:0.
@@ -608,8 +614,20 @@ impl Backend {
         F: Fn(TcpStream, usize, Arc<BackendState>) + Send + Sync + 'static,
     {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        Self::serve_on(listener, false, conn)
+    }
+
+    /// Accepts on `listener`; with `track`, keeps a clone of every open
+    /// connection so that [`Backend::kill`] can close them.
+    fn serve_on<F>(listener: TcpListener, track: bool, conn: F) -> Backend
+    where
+        F: Fn(TcpStream, usize, Arc<BackendState>) + Send + Sync + 'static,
+    {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(BackendState::default());
+        if track {
+            *state.tracked.lock().unwrap() = Some(std::collections::HashMap::new());
+        }
         let st = state.clone();
         let conn = Arc::new(conn);
         thread::spawn(move || {
@@ -621,16 +639,76 @@ impl Backend {
                 let id = st.conns.fetch_add(1, Ordering::SeqCst);
                 s.set_read_timeout(Some(BACKEND_READ_TIMEOUT)).unwrap();
                 s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+                if let Some(map) = st.tracked.lock().unwrap().as_mut() {
+                    if let Ok(c) = s.try_clone() {
+                        map.insert(id, c);
+                    }
+                }
                 let st2 = st.clone();
                 let conn = conn.clone();
                 thread::spawn(move || {
                     st2.active.fetch_add(1, Ordering::SeqCst);
                     conn(s, id, st2.clone());
+                    if let Some(map) = st2.tracked.lock().unwrap().as_mut() {
+                        map.remove(&id);
+                    }
                     st2.active.fetch_sub(1, Ordering::SeqCst);
                 });
             }
+            drop(listener);
+            st.accept_done.store(true, Ordering::SeqCst);
         });
         Backend { addr, state }
+    }
+
+    /// Like [`Backend::http`], but [`Backend::kill`] can also close the
+    /// open connections.
+    pub fn http_tracked<F>(handler: F) -> Backend
+    where
+        F: Fn(&Request) -> Reply + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        Self::serve_on(listener, true, move |s, id, st| serve_http(s, id, &st, &handler))
+    }
+
+    /// Like [`Backend::http_tracked`] on a given address (e.g. the port of
+    /// a killed backend); retries the bind for up to 3 s.
+    pub fn http_at<F>(addr: SocketAddr, handler: F) -> Backend
+    where
+        F: Fn(&Request) -> Reply + Send + Sync + 'static,
+    {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let listener = loop {
+            match TcpListener::bind(addr) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("bind backend on {addr}: {e}"),
+            }
+        };
+        Self::serve_on(listener, true, move |s, id, st| serve_http(s, id, &st, &handler))
+    }
+
+    /// Closes the listener (new connections are refused) and waits up to
+    /// 2 s for that; open connections keep being served.
+    pub fn stop_listening(&self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        assert!(wait_until(Duration::from_secs(2), || self.state.accept_done.load(Ordering::SeqCst)), "backend {} did not stop listening", self.addr);
+    }
+
+    /// Kills the server: closes the listener and every open connection
+    /// (both directions). Only for [`Backend::http_tracked`] /
+    /// [`Backend::http_at`] backends.
+    pub fn kill(&self) {
+        assert!(self.state.tracked.lock().unwrap().is_some(), "kill() needs a tracked backend (http_tracked / http_at)");
+        self.stop_listening();
+        let open: Vec<TcpStream> = self.state.tracked.lock().unwrap().as_mut().map(|m| m.drain().map(|(_, s)| s).collect()).unwrap_or_default();
+        for s in open {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 
     /// An HTTP/1.1 server: parses each request (Content-Length or chunked
@@ -838,6 +916,11 @@ impl Client {
 
     pub fn send(&mut self, data: impl AsRef<[u8]>) {
         self.stream.write_all(data.as_ref()).expect("client write");
+    }
+
+    /// Sends `data`, returning the error instead of panicking.
+    pub fn try_send(&mut self, data: impl AsRef<[u8]>) -> io::Result<()> {
+        self.stream.write_all(data.as_ref())
     }
 
     /// Sends a GET for `path` and reads the response.
