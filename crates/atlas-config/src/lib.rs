@@ -260,6 +260,10 @@ pub struct Timeouts {
     pub upstream_idle: Duration,
     /// Idle TCP-mode (and upgraded) connection, both directions quiet.
     pub tcp_idle: Duration,
+    /// Whole exchange, first request byte to last response byte; past it
+    /// the connection is closed. `None` (the default, as in nginx and
+    /// HAProxy): no limit, so long downloads are not cut.
+    pub request: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -272,6 +276,7 @@ impl Default for Timeouts {
             upstream_response: Duration::from_secs(60),
             upstream_idle: Duration::from_secs(60),
             tcp_idle: Duration::from_secs(3600),
+            request: None,
         }
     }
 }

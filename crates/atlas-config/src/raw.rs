@@ -130,6 +130,7 @@ pub struct RawTimeouts {
     pub upstream_response: Option<Spanned<String>>,
     pub upstream_idle: Option<Spanned<String>>,
     pub tcp_idle: Option<Spanned<String>>,
+    pub request: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -458,6 +458,17 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
         upstream_response: duration(diag, &t.upstream_response, "timeouts.upstream_response", d.upstream_response),
         upstream_idle: duration(diag, &t.upstream_idle, "timeouts.upstream_idle", d.upstream_idle),
         tcp_idle: duration(diag, &t.tcp_idle, "timeouts.tcp_idle", d.tcp_idle),
+        request: match &t.request {
+            None => None,
+            Some(v) => match parse_duration(v.get_ref()) {
+                Ok(d) if d.is_zero() => None,
+                Ok(d) => Some(d),
+                Err(e) => {
+                    diag.at(v, "timeouts.request", e);
+                    None
+                }
+            },
+        },
     };
     let dl = Limits::default();
     let limits = Limits {

@@ -263,3 +263,32 @@ pub async fn connect(ctx: &ListenerCtx, up: &Upstreams, hash: u64, excluded: &mu
     }
     Err(last)
 }
+
+thread_local! {
+    /// Retry tokens of this worker: every request adds 0.2, a retry of a
+    /// failed idempotent request takes 1, so retries stay under ~20% of
+    /// the traffic (plus a burst of 20) and cannot multiply load when an
+    /// upstream fleet is failing. Connect failures and stale pooled
+    /// connections are retried outside this budget (nothing reached an
+    /// upstream).
+    static RETRY_TOKENS: std::cell::Cell<f64> = const { std::cell::Cell::new(20.0) };
+}
+
+const RETRY_BURST: f64 = 20.0;
+const RETRY_RATIO: f64 = 0.2;
+
+pub fn retry_budget_deposit() {
+    RETRY_TOKENS.with(|t| t.set((t.get() + RETRY_RATIO).min(RETRY_BURST)));
+}
+
+/// Takes a retry token; false when the budget is spent.
+pub fn retry_budget_take() -> bool {
+    RETRY_TOKENS.with(|t| {
+        if t.get() >= 1.0 {
+            t.set(t.get() - 1.0);
+            true
+        } else {
+            false
+        }
+    })
+}

@@ -88,7 +88,17 @@ pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, mut client: S, peer: S
             b.ubuf = take_buf();
             b.out = take_buf();
         }
-        match exchange(&ctx, &mut client, peer, &mut b).await {
+        let step = match ctx.timeouts.request {
+            None => exchange(&ctx, &mut client, peer, &mut b).await,
+            Some(limit) => match timeout(limit, exchange(&ctx, &mut client, peer, &mut b)).await {
+                Ok(step) => step,
+                Err(_) => {
+                    tracing::debug!(%peer, ?limit, "client: request exceeded timeouts.request; closing");
+                    Step::Close
+                }
+            },
+        };
+        match step {
             Step::KeepAlive => continue,
             Step::Close => break,
             Step::Upgrade(up) => {
@@ -333,6 +343,7 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
         }
     }
     let group = &*up.group;
+    upstream::retry_budget_deposit();
     let mut left = Some(left);
     let mut excluded = 0u64;
     let mut use_pool = true;
@@ -371,6 +382,17 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
                 // A pooled connection the upstream had closed: once more, fresh.
                 tracing::debug!(error = %e, "stale pooled connection, retrying on a fresh one");
                 use_pool = false;
+                left = Some(BodyLeft::Done);
+                continue;
+            }
+            Err(e) if e.side == Side::Upstream && e.retry_safe && replayable && info.idempotent && tries < 3 && upstream::retry_budget_take() => {
+                // The upstream failed before answering an idempotent request
+                // we still hold whole: try another upstream (budgeted).
+                up.record(c.idx, false);
+                tracing::debug!(error = %e, upstream = %group.names[c.idx], "retrying an idempotent request on another upstream");
+                if c.idx < 64 {
+                    excluded |= 1 << c.idx;
+                }
                 left = Some(BodyLeft::Done);
                 continue;
             }
