@@ -224,7 +224,9 @@ pub async fn connect(ctx: &ListenerCtx, up: &Upstreams, hash: u64, excluded: &mu
         let picked = loop {
             let ejected = up.passive.borrow_mut().mask();
             let full = if group.has_limits() { group.full_mask() } else { 0 };
-            let picked = match up.picker.borrow_mut().pick(group, hash, *excluded | ejected | full) {
+            // (Each borrow of the picker ends with its statement.)
+            let first = up.picker.borrow_mut().pick(group, hash, *excluded | ejected | full);
+            let picked = match first {
                 // Everything left is ejected: fail open rather than refuse.
                 None if ejected != 0 => up.picker.borrow_mut().pick(group, hash, *excluded | full),
                 p => p,

@@ -434,6 +434,7 @@ fn kill_an_upstream_under_load() {
     let warm: Vec<String> = served.lock().unwrap().iter().map(|(_, b)| b.clone()).collect();
     let t_kill = Instant::now();
     bes[2].kill();
+    let killed_closed = wait_until(Duration::from_secs(1), || bes[2].active() == 0);
     let down = atlas.wait_log(DOWN, 1, Duration::from_secs(3));
     let t_down = Instant::now();
 
@@ -463,6 +464,7 @@ fn kill_an_upstream_under_load() {
     for name in ["b0", "b1", "b2"] {
         assert!(warm.iter().any(|b| b == name), "{name} served nothing before the kill: {} responses", warm.len());
     }
+    assert!(killed_closed, "the killed backend still has {} open connection(s)", bes[2].active());
     assert!(down, "the killed upstream was not marked DOWN within 3 s");
     let down_lines = lines_with(&atlas, DOWN);
     assert!(down_lines.len() == 1 && down_lines[0].contains("upstream=u2"), "{down_lines:?}");
