@@ -31,6 +31,8 @@ def main():
     procs = bench.Procs(tmp)
     body = "x" * 1024
 
+    os.makedirs(os.path.join(tmp, "backend-tmp"), exist_ok=True)
+
     def backend(i, port):
         return bench.start_nginx(cfg, procs, f"backend{i}", "nginx-backend.conf", "0", PORT=port, WORKERS=1, BODY=body, BODY_SIZE=1024)
 
