@@ -409,6 +409,15 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     Ok(cfg)
 }
 
+/// Like [`load_str`], but host names are not looked up (they resolve to
+/// 0.0.0.0): for fuzzing and tests that must not touch DNS.
+pub fn load_str_offline(text: &str, name: &str) -> Result<Config, ConfigErrors> {
+    validate::OFFLINE.with(|o| o.set(true));
+    let r = load_str(text, name);
+    validate::OFFLINE.with(|o| o.set(false));
+    r
+}
+
 /// Loads and validates configuration text; `name` is used in error messages.
 pub fn load_str(text: &str, name: &str) -> Result<Config, ConfigErrors> {
     let mut diag = load::Diag::new(name, text);

@@ -13,6 +13,11 @@ use crate::load::Diag;
 use crate::raw::*;
 use crate::*;
 
+thread_local! {
+    /// Set by `load_str_offline`: do not resolve host names.
+    pub(crate) static OFFLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 const STRATEGIES: &str = "round_robin, weighted, weighted_round_robin, random, least_connections, hash";
 
 fn parse_strategy(s: &str) -> Option<Strategy> {
@@ -270,7 +275,9 @@ fn upstream(diag: &mut Diag<'_>, raw: &Spanned<RawUpstream>, key: &str) -> Optio
         diag.at(&r.address, format!("{key}.address"), "must not be empty");
         return None;
     }
-    let addr = match (host.as_str(), port).to_socket_addrs().map(|mut it| it.next()) {
+    let offline = OFFLINE.with(|o| o.get()) && host.parse::<IpAddr>().is_err();
+    let lookup = if offline { Ok(Some(SocketAddr::from(([0, 0, 0, 0], port)))) } else { (host.as_str(), port).to_socket_addrs().map(|mut it| it.next()) };
+    let addr = match lookup {
         Ok(Some(a)) => a,
         Ok(None) | Err(_) => {
             diag.at(&r.address, format!("{key}.address"), format!("cannot resolve `{host}`"));

@@ -11,6 +11,7 @@
 
 pub mod drain;
 pub mod error;
+pub mod fuzzing;
 pub mod http;
 pub mod io;
 pub mod limits;

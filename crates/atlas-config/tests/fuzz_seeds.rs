@@ -1,0 +1,23 @@
+//! Replays the config fuzz seeds (and any local corpus) through loading:
+//! a config or located errors, never a panic.
+
+use std::path::Path;
+
+#[test]
+fn config_seeds() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+    let mut n = 0;
+    for dir in [root.join("seeds/config"), root.join("corpus/config"), root.join("artifacts/config")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let data = std::fs::read(e.path()).unwrap();
+            if let Ok(text) = std::str::from_utf8(&data) {
+                if let Err(errors) = atlas_config::load_str_offline(text, "seed.toml") {
+                    assert!(errors.0.iter().all(|e| !e.key.is_empty() && !e.message.is_empty()));
+                }
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 3);
+}
