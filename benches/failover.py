@@ -68,12 +68,9 @@ def main():
         out, _ = wrk.communicate(timeout=duration + 30)
         a.terminate()
         a.wait(timeout=40)
-        reqs = int(re.search(r"(\d+) requests in", out).group(1))
-        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-        m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-        sock = [int(x) for x in m.groups()] if m else [0, 0, 0, 0]
-        m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        non2xx = int(m.group(1)) if m else 0
+        w = bench.parse_wrk(out)
+        reqs, rps, non2xx = w["requests"], w["rps"], w["non2xx"]
+        sock = [w["sockors"].get(k, 0) for k in ("connect", "read", "write", "timeout")]
         text = open(log).read()
         down = len(re.findall(r"upstream DOWN", text))
         up = len(re.findall(r"upstream UP", text))

@@ -81,19 +81,16 @@ def main():
         out, _ = wrk.communicate(timeout=duration + 30)
         current.terminate()
         current.wait(timeout=15)
-        reqs = int(re.search(r"(\d+) requests in", out).group(1))
-        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-        m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-        sock_err = [int(x) for x in m.groups()] if m else [0, 0, 0, 0]
-        m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        non2xx = int(m.group(1)) if m else 0
+        w = bench.parse_wrk(out)
+        reqs, rps, non2xx = w["requests"], w["rps"], w["non2xx"]
+        sock = [w["sockors"].get(k, 0) for k in ("connect", "read", "write", "timeout")]
         print(f"\n== takeover: {takeovers} consecutive `atlas --takeover` under wrk -t1 -c{conns} "
               f"(each connection paced {delay_ms} ms between requests), {duration} s ==")
         print(f"requests {reqs}  ({rps:.0f} req/s)")
-        print(f"socket errors: connect {sock_err[0]}, read {sock_err[1]}, write {sock_err[2]}, timeout {sock_err[3]}")
+        print(f"socket errors: connect {sock[0]}, read {sock[1]}, write {sock[2]}, timeout {sock[3]}")
         print(f"non-2xx responses: {non2xx}")
         print(f"old process exit statuses: {exits}")
-        ok = sum(sock_err) == 0 and non2xx == 0 and all(c == 0 for c in exits)
+        ok = sum(sock) == 0 and non2xx == 0 and all(c == 0 for c in exits)
         print("result:", "PASS (0 errors, 0 non-2xx)" if ok else "FAIL")
         return 0 if ok else 1
     finally:
