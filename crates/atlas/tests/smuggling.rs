@@ -153,6 +153,18 @@ fn absolute_form_request_target_is_normalised() {
 }
 
 #[test]
+fn absolute_form_without_a_path_is_the_root() {
+    // Found by fuzzing: this used to crash the worker.
+    let be = Backend::echo_path();
+    let atlas = Atlas::start(&http_config(&[be.addr], ""));
+    let mut c = Client::connect(atlas.addr());
+    let r = c.request("GET http://h:1=p HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(be.last().target, "/");
+    assert_eq!(c.get("/still-served").status, 200);
+}
+
+#[test]
 fn invalid_method_token() {
     refused("G@T / HTTP/1.1\r\nHost: h\r\n\r\n", 400);
 }

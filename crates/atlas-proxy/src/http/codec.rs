@@ -69,7 +69,8 @@ pub struct RequestInfo {
     pub expect_continue: bool,
     /// Hash of the configured key (only when asked for).
     pub hash: u64,
-    /// Where the (origin-form) request target lies in the input buffer.
+    /// Where the (origin-form) request target lies in the input buffer;
+    /// empty for an absolute-form target without a path (that is `/`).
     pub target: (usize, usize),
 }
 
@@ -221,6 +222,9 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> R
 
     // Absolute-form target: the authority replaces Host (RFC 9112 §3.2.2).
     let mut authority: Option<&str> = None;
+    // `http://host` with no path: the target is `/`, written by Atlas (the
+    // input has no such byte, so `target` stays an empty slice of `buf`).
+    let mut root = false;
     for scheme in ["http://", "https://"] {
         let matches = target.as_bytes().get(..scheme.len()).is_some_and(|p| p.eq_ignore_ascii_case(scheme.as_bytes()));
         if matches && target.len() > scheme.len() {
@@ -231,13 +235,14 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> R
                 return Err(HeadError::Bad("invalid absolute-form target"));
             }
             authority = Some(&rest[..end]);
-            target = if end == rest.len() { "/" } else { &rest[end..] };
+            root = end == rest.len();
+            target = &rest[end..];
         }
     }
     if method == "CONNECT" {
         return Err(HeadError::NotImplemented("CONNECT is not supported"));
     }
-    if !(target.starts_with('/') || (target == "*" && method == "OPTIONS")) {
+    if !(root || target.starts_with('/') || (target == "*" && method == "OPTIONS")) {
         return Err(HeadError::Bad("invalid request target"));
     }
 
@@ -292,9 +297,10 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> R
 
     // Request line.
     let start = out.len();
+    let path = if root { "/" } else { target };
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if let Some(a) = authority {
         push_header(out, b"Host", a.as_bytes());
@@ -369,8 +375,8 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> R
             };
             match key {
                 HashKey::ClientIp => by_ip(),
-                HashKey::Uri => hash64(target.as_bytes()),
-                HashKey::Path => hash64(target.split('?').next().unwrap_or("").as_bytes()),
+                HashKey::Uri => hash64(path.as_bytes()),
+                HashKey::Path => hash64(path.split('?').next().unwrap_or("").as_bytes()),
                 HashKey::Header(name) => headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| hash64(trim_ows(h.value))).unwrap_or_else(by_ip),
             }
         }

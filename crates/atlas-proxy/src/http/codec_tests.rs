@@ -129,6 +129,11 @@ fn absolute_form_becomes_origin_form_with_host() {
     assert!(out.starts_with("GET /p?q HTTP/1.1\r\nHost: Example.org:8080\r\n"), "{out}");
     assert_eq!(header_count(&out, "host"), 1);
     assert!(req("GET http:///p HTTP/1.1\r\nHost: h\r\n\r\n").is_err());
+    // Found by the request_head fuzz target: no path after the authority.
+    let raw = "GET http://h:1=p HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (info, out) = req(raw).unwrap();
+    assert!(out.starts_with("GET / HTTP/1.1\r\nHost: h:1=p\r\n"), "{out}");
+    assert!(info.target.0 <= info.target.1 && info.target.1 <= raw.len());
     assert!(req("GET http://user@h/p HTTP/1.1\r\nHost: h\r\n\r\n").is_err());
 }
 

@@ -297,7 +297,8 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
             return reply(client, b, status, why, false, false).await;
         }
     };
-    let up = match ctx.route(&b.cbuf[info.target.0..info.target.1]) {
+    let path: &[u8] = if info.target.0 == info.target.1 { b"/" } else { &b.cbuf[info.target.0..info.target.1] };
+    let up = match ctx.route(path) {
         Some(Target::Upstreams(up)) => up,
         Some(Target::Static(site)) => {
             // A static route on a proxying listener: the head was validated
