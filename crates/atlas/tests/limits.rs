@@ -136,3 +136,29 @@ fn echo_stream(mut s: TcpStream) {
         }
     }
 }
+
+#[test]
+fn worker_max_connections_closes_connections_beyond_it() {
+    let be = Backend::echo_path();
+    let atlas = Atlas::start(&http_config(&[be.addr], "[limits]\nmax_connections = 2\n"));
+    let mut a = Client::connect(atlas.addr());
+    let mut b = Client::connect(atlas.addr());
+    assert_eq!(a.get("/a").status, 200);
+    assert_eq!(b.get("/b").status, 200);
+    let mut c = Client::connect(atlas.addr());
+    assert!(c.is_closed(Duration::from_secs(2)), "a connection beyond the worker limit must be closed");
+    assert_eq!(a.get("/a2").status, 200, "existing connections are unaffected");
+}
+
+#[test]
+fn per_ip_connection_limit_closes_extra_http_connections() {
+    let be = Backend::echo_path();
+    let atlas = Atlas::start(&http_config(&[be.addr], "[limits]\nper_ip_connections = 1\n"));
+    let mut a = Client::connect(atlas.addr());
+    assert_eq!(a.get("/a").status, 200);
+    let mut b = Client::connect(atlas.addr());
+    assert!(b.is_closed(Duration::from_secs(2)));
+    drop(a);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(Client::connect(atlas.addr()).get("/c").status, 200);
+}
