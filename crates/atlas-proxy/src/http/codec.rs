@@ -308,7 +308,9 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> R
     let mut xff_done = false;
     for h in headers {
         let n = h.name;
-        if is_hop_by_hop(n.as_bytes()) || named_by_connection(n, &conn_names) {
+        // `Connection` may name hop-by-hop extensions, never `Host` (found
+        // by fuzzing: a client could otherwise strip Host upstream).
+        if is_hop_by_hop(n.as_bytes()) || (named_by_connection(n, &conn_names) && !n.eq_ignore_ascii_case("host")) {
             continue;
         }
         if n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("x-forwarded-proto") {

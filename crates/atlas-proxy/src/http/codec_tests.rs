@@ -41,6 +41,9 @@ fn hop_by_hop_and_connection_named_headers_are_removed() {
         assert_eq!(header_count(&out, gone), 0, "{gone} in {out}");
     }
     assert!(out.contains("X-Keep: yes"));
+    // Found by fuzzing: `Connection` must not be able to strip Host.
+    let (_, out) = req("GET / HTTP/1.1\r\nHost: h\r\nConnection: close, Host\r\n\r\n").unwrap();
+    assert_eq!(header_count(&out, "host"), 1, "{out}");
 }
 
 #[test]
