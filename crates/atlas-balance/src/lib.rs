@@ -20,7 +20,7 @@
 //! lines is not worth it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use atlas_config::{Group, Strategy};
@@ -49,25 +49,49 @@ struct Line(AtomicU32);
 /// started before the reload finish against the same counters).
 ///
 /// It also carries the upstream's health as the active checker last
-/// published it: read on every pick (a read-mostly line that only changes
-/// on a transition), written only by the checker thread.
+/// published it, and whether an operator drained it: read on every pick
+/// (a read-mostly byte that only changes on a transition).
 pub struct UpstreamCounters {
     lines: Box<[Line]>,
-    healthy: AtomicBool,
+    /// Bit 0: marked DOWN by the health checker. Bit 1: drained by an
+    /// operator (admin API). Usable only when zero: one load per pick.
+    flags: AtomicU8,
 }
+
+const DOWN: u8 = 1;
+const DRAINED: u8 = 2;
 
 impl UpstreamCounters {
     pub fn new(workers: usize) -> Self {
-        UpstreamCounters { lines: (0..workers.max(1)).map(|_| Line::default()).collect(), healthy: AtomicBool::new(true) }
+        UpstreamCounters { lines: (0..workers.max(1)).map(|_| Line::default()).collect(), flags: AtomicU8::new(0) }
+    }
+
+    /// Neither down nor drained.
+    pub fn is_usable(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) == 0
     }
 
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.flags.load(Ordering::Relaxed) & DOWN == 0
+    }
+
+    pub fn is_drained(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & DRAINED != 0
+    }
+
+    fn set_flag(&self, flag: u8, on: bool) -> bool {
+        let old = if on { self.flags.fetch_or(flag, Ordering::Relaxed) } else { self.flags.fetch_and(!flag, Ordering::Relaxed) };
+        (old & flag != 0) != on
     }
 
     /// Publishes a health verdict; returns whether it changed.
     pub fn set_healthy(&self, up: bool) -> bool {
-        self.healthy.swap(up, Ordering::Relaxed) != up
+        self.set_flag(DOWN, !up)
+    }
+
+    /// Takes the upstream out of rotation (or back); returns whether it changed.
+    pub fn set_drained(&self, drained: bool) -> bool {
+        self.set_flag(DRAINED, drained)
     }
 
     /// Called only by `worker` itself: a plain store, never contended.
@@ -234,7 +258,7 @@ impl Picker {
     /// tried for this request (retry); indexes past 63 are never excluded.
     pub fn pick(&mut self, group: &GroupShared, hash: u64, excluded: u64) -> Option<usize> {
         let n = group.len();
-        let usable = |i: usize| group.weights[i] > 0 && (i >= 64 || excluded & (1u64 << i) == 0) && group.inflight.counters(i).is_healthy();
+        let usable = |i: usize| group.weights[i] > 0 && (i >= 64 || excluded & (1u64 << i) == 0) && group.inflight.counters(i).is_usable();
         if n == 0 {
             return None;
         }

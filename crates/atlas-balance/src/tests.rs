@@ -197,3 +197,17 @@ fn unhealthy_upstreams_are_skipped_by_every_strategy() {
     let mut p = Picker::new(Strategy::RoundRobin, &g, 0);
     assert_eq!(p.pick(&g, 0, 0), None, "all down: nothing to pick");
 }
+
+#[test]
+fn drained_upstreams_are_skipped_and_come_back() {
+    let g = group(&[1, 1]);
+    assert!(g.inflight.counters(0).set_drained(true));
+    assert!(g.inflight.counters(0).is_healthy() && g.inflight.counters(0).is_drained());
+    let mut p = Picker::new(Strategy::RoundRobin, &g, 0);
+    assert_eq!(counts(&mut p, &g, 10), vec![0, 10]);
+    g.inflight.counters(0).set_healthy(false);
+    assert!(g.inflight.counters(0).set_drained(false));
+    assert!(!g.inflight.counters(0).is_usable(), "still down");
+    g.inflight.counters(0).set_healthy(true);
+    assert_eq!(counts(&mut p, &g, 10), vec![5, 5]);
+}

@@ -240,8 +240,16 @@ pub struct Group {
 #[derive(Debug, Clone)]
 pub struct Api {
     pub addr: SocketAddr,
-    pub allow: Vec<String>,
+    /// Sources allowed to call write endpoints (default: loopback and
+    /// private ranges, where Horizon servers and operators live).
+    pub allow: Vec<ipnet::IpNet>,
+    /// Bearer token required on write endpoints, when set.
     pub token: Option<String>,
+}
+
+/// The default `[api] allow`: loopback and private ranges.
+pub fn default_api_allow() -> Vec<ipnet::IpNet> {
+    ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"].iter().filter_map(|c| c.parse().ok()).collect()
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -103,7 +103,7 @@ fn section<T: DeserializeOwned>(diag: &mut Diag<'_>, root: &DeTable<'_>, key: &s
         Ok(v) => Some(v),
         Err(e) => {
             let span = e.span().unwrap_or_else(|| value.span());
-            let path = key_path_at(root, &span).unwrap_or_else(|| key.to_string());
+            let path = key_path_at(root, &span).filter(|p| !p.is_empty()).unwrap_or_else(|| key.to_string());
             diag.failed.push(key.to_string());
             diag.push(Some(span), path, e.message().to_string());
             None
@@ -150,7 +150,11 @@ pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
             "pool" => raw.pool = section(diag, root, key, v).unwrap_or_default(),
             "routes" => raw.routes = table_array(diag, root, key, v),
             "health" => raw.health = section(diag, root, key, v).unwrap_or_default(),
-            other => diag.push(Some(k.span()), other, format!("unknown section `{other}`, expected one of: {}", SECTIONS.join(", "))),
+            other => diag.push(
+                Some(k.span()),
+                if other.is_empty() { "(empty key)" } else { other },
+                format!("unknown section `{other}`, expected one of: {}", SECTIONS.join(", ")),
+            ),
         }
     }
     raw

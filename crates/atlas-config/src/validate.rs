@@ -452,7 +452,21 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
                 }
             },
         }?;
-        Some(Api { addr, allow: r.allow.iter().flatten().map(|s| s.get_ref().clone()).collect(), token: r.token.as_ref().map(|t| t.get_ref().clone()) })
+        let allow = match &r.allow {
+            None => default_api_allow(),
+            Some(list) => list
+                .iter()
+                .filter_map(|c| {
+                    let text = c.get_ref();
+                    let parsed = text.parse::<ipnet::IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+                    if parsed.is_err() {
+                        diag.at(c, "api.allow", format!("`{text}` is not an address or CIDR (e.g. 10.0.0.0/8)"));
+                    }
+                    parsed.ok()
+                })
+                .collect(),
+        };
+        Some(Api { addr, allow, token: r.token.as_ref().map(|t| t.get_ref().clone()).filter(|t| !t.is_empty()) })
     });
 
     let t = &raw.timeouts;

@@ -13,7 +13,9 @@ fn config_seeds() {
             let Ok(data) = std::fs::read(e.path()) else { continue };
             if let Ok(text) = std::str::from_utf8(&data) {
                 if let Err(errors) = atlas_config::load_str_offline(text, "seed.toml") {
-                    assert!(errors.0.iter().all(|e| !e.key.is_empty() && !e.message.is_empty()));
+                    for e in &errors.0 {
+                        assert!(!e.key.is_empty() && !e.message.is_empty(), "{}: an error without key or message: {e:?}\n{text:?}", e.file);
+                    }
                 }
             }
             n += 1;

@@ -9,7 +9,8 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
@@ -182,15 +183,24 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
         })
         .collect();
     let offer = atlas_runtime::takeover::Offer::dup(&offered)?;
-    if let Some(api) = &cfg.api {
-        let (addr, _h) = atlas_admin::start(api.addr).map_err(|e| format!("api: cannot listen on {}: {e}", api.addr))?;
-        tracing::info!(%addr, "api listening");
-    }
     for b in &bound {
         let l = &cfg.listeners[b.index];
         tracing::info!(name = %l.name, addr = %b.addr, mode = l.mode.as_str(), "listening");
     }
+    let api_addr = cfg.api.as_ref().map(|a| a.addr);
     let current = atlas_runtime::control::first_generation(cfg, shared);
+    let admin = Arc::new(atlas_admin::AdminState {
+        current: current.clone(),
+        started: Instant::now(),
+        driver: driver.as_str(),
+        config_path: args.config.clone(),
+        last_reload: Mutex::new(serde_json::Value::Null),
+        ready: AtomicBool::new(false),
+    });
+    if let Some(addr) = api_addr {
+        let (addr, _h) = atlas_admin::start(addr, admin.clone()).map_err(|e| format!("api: cannot listen on {addr}: {e}"))?;
+        tracing::info!(%addr, "api listening");
+    }
     {
         let current = current.clone();
         atlas_proxy::tls::spawn_reloader(
@@ -203,6 +213,7 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
     }
     let workers = atlas_runtime::start(current.clone(), bound, driver).map_err(|e| format!("internal: cannot start workers: {e}"))?;
     atlas_runtime::health::spawn(current.clone());
+    admin.ready.store(true, Ordering::Relaxed);
     // Serving now: let the previous process go, then offer our sockets to the next.
     let offered = match session {
         Some(session) => session.finish(offer).map(|()| tracing::info!("takeover: complete; the previous Atlas is draining")),
@@ -226,7 +237,15 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
     };
     let reload = || match &args.config {
         Some(path) => {
-            atlas_runtime::control::reload(&current, path);
+            let outcome = match atlas_runtime::control::reload(&current, path) {
+                atlas_runtime::control::ReloadOutcome::Applied { version, needs_restart } => {
+                    serde_json::json!({ "result": "applied", "version": version, "needs_restart": needs_restart })
+                }
+                atlas_runtime::control::ReloadOutcome::Rejected(errors) => serde_json::json!({ "result": "rejected", "errors": errors }),
+            };
+            if let Ok(mut last) = admin.last_reload.lock() {
+                *last = outcome;
+            }
         }
         None => tracing::warn!("reload asked, but Atlas runs on its embedded default (no CONFIG file)"),
     };
