@@ -1,0 +1,122 @@
+//! Admin API: liveness, readiness, status, upstream listing, operator
+//! drain/enable with the allow-list and the bearer token, JSON errors.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::*;
+
+/// One request on a fresh connection from `from` (a loopback address).
+fn call_from(from: &str, api: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
+    sock.connect(&api.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    set_timeouts(&s, Duration::from_secs(3));
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n{headers}\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn call(api: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    call_from("127.0.0.1", api, method, path, "")
+}
+
+fn start(extra_api: &str) -> (Backend, Backend, Atlas) {
+    let a = Backend::fixed("A");
+    let b = Backend::fixed("B");
+    let cfg = http_config(&[a.addr, b.addr], &format!("[api]\naddress = \"127.0.0.1:0\"\n{extra_api}"));
+    let atlas = Atlas::start(&cfg);
+    (a, b, atlas)
+}
+
+#[test]
+fn health_ready_and_status() {
+    let (_a, _b, atlas) = start("");
+    let api = atlas.api.expect("api address");
+    assert_eq!(call(api, "GET", "/health"), (200, "{\"status\":\"ok\"}".into()));
+    assert!(wait_until(Duration::from_secs(2), || call(api, "GET", "/ready").0 == 200), "ready once listeners serve");
+    let (s, body) = call(api, "GET", "/api/v1/status");
+    assert_eq!(s, 200);
+    for needle in ["\"version\":\"0.1.0\"", "\"uptime_secs\"", "\"driver\"", "\"workers\":1", "\"listeners\":[{", "\"mode\":\"http\"", "\"last_reload\":null"] {
+        assert!(body.contains(needle), "{needle} missing in {body}");
+    }
+}
+
+#[test]
+fn upstreams_are_listed_with_health_and_in_flight() {
+    let (a, b, atlas) = start("");
+    let api = atlas.api.unwrap();
+    let (s, body) = call(api, "GET", "/api/v1/upstreams");
+    assert_eq!(s, 200);
+    assert!(body.contains(&format!("\"address\":\"{}\"", a.addr)) && body.contains(&format!("\"address\":\"{}\"", b.addr)), "{body}");
+    assert!(body.contains("\"health\":\"up\"") && body.contains("\"drained\":false") && body.contains("\"in_flight\":0"), "{body}");
+}
+
+#[test]
+fn drain_takes_an_upstream_out_of_rotation_and_enable_brings_it_back() {
+    let (_a, _b, atlas) = start("");
+    let api = atlas.api.unwrap();
+    let name = "u1"; // the second upstream, B
+    let (s, body) = call(api, "POST", &format!("/api/v1/upstreams/{name}/drain"));
+    assert_eq!(s, 200, "{body}");
+    let mut c = Client::connect(atlas.addr());
+    let texts: Vec<String> = (0..10).map(|i| c.get(&format!("/{i}")).text()).collect();
+    assert!(texts.iter().all(|t| t == "A"), "{texts:?}");
+    assert!(call(api, "GET", "/api/v1/upstreams").1.contains("\"drained\":true"));
+    assert_eq!(call(api, "POST", &format!("/api/v1/upstreams/{name}/enable")).0, 200);
+    let texts: Vec<String> = (0..10).map(|i| c.get(&format!("/e{i}")).text()).collect();
+    assert!(texts.iter().any(|t| t == "B"), "{texts:?}");
+}
+
+#[test]
+fn writes_from_outside_the_allow_list_are_refused_and_not_applied() {
+    let (_a, _b, atlas) = start("allow = [\"127.0.0.1/32\"]\n");
+    let api = atlas.api.unwrap();
+    let name = "u1";
+    let (s, body) = call_from("127.0.0.2", api, "POST", &format!("/api/v1/upstreams/{name}/drain"), "");
+    assert_eq!(s, 403, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    assert!(call(api, "GET", "/api/v1/upstreams").1.contains("\"drained\":false"), "the write must not be applied");
+    // Reads stay open from there.
+    assert_eq!(call_from("127.0.0.2", api, "GET", "/api/v1/status", "").0, 200);
+}
+
+#[test]
+fn bearer_token_is_required_when_configured() {
+    let (_a, _b, atlas) = start("token = \"s3cret\"\n");
+    let api = atlas.api.unwrap();
+    let path = "/api/v1/upstreams/u1/drain";
+    assert_eq!(call(api, "POST", path).0, 401);
+    assert_eq!(call_from("127.0.0.1", api, "POST", path, "Authorization: Bearer wrong\r\n").0, 401);
+    assert!(call(api, "GET", "/api/v1/upstreams").1.contains("\"drained\":false"));
+    assert_eq!(call_from("127.0.0.1", api, "POST", path, "Authorization: Bearer s3cret\r\n").0, 200);
+    assert!(call(api, "GET", "/api/v1/upstreams").1.contains("\"drained\":true"));
+}
+
+#[test]
+fn errors_are_json_with_the_right_status() {
+    let (_a, _b, atlas) = start("");
+    let api = atlas.api.unwrap();
+    let (s, body) = call(api, "GET", "/nope");
+    assert_eq!(s, 404);
+    assert!(body.starts_with("{\"error\":"), "{body}");
+    assert_eq!(call(api, "POST", "/api/v1/status").0, 405);
+    assert_eq!(call(api, "GET", "/api/v1/upstreams/x/drain").0, 405);
+    assert_eq!(call(api, "POST", "/api/v1/upstreams/nobody/drain").0, 404);
+    assert_eq!(call_from("127.0.0.1", api, "POST", "/api/v1/upstreams/x/drain", "Content-Length: 2\r\n").0, 400);
+}
+
+#[test]
+fn bad_allow_entry_is_a_config_error() {
+    let path = write_config("[listen]\nport = 0\nmode = \"game\"\n[api]\nallow = [\"10.0.0.0/33\"]\n");
+    let (code, _out, err) = run_cli(&["--check", path.to_str().unwrap()], &[]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("api.allow"), "{err}");
+}
