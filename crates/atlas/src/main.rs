@@ -161,6 +161,19 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
     }
     signals.thread_block().map_err(|e| format!("internal: cannot block signals: {e}"))?;
 
+    // Watch the file before anything is announced, so a change made right
+    // after start-up is not missed (it is applied once serving).
+    let (tx, rx) = mpsc::channel();
+    let _watcher = match &args.config {
+        Some(path) => match atlas_runtime::control::watch(path, tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("{e}; reload with SIGHUP instead");
+                None
+            }
+        },
+        None => None,
+    };
     let driver = atlas_runtime::choose_driver(cfg.driver)?;
     tracing::info!(driver = driver.as_str(), requested = ?cfg.driver, workers = cfg.workers, "I/O driver chosen");
     let takeover_path = args.takeover_socket.clone().unwrap_or_else(|| cfg.takeover_socket.clone());
@@ -224,17 +237,6 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
         Err(e) => tracing::warn!("{e}"),
     }
 
-    let (tx, rx) = mpsc::channel();
-    let _watcher = match &args.config {
-        Some(path) => match atlas_runtime::control::watch(path, tx) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!("{e}; reload with SIGHUP instead");
-                None
-            }
-        },
-        None => None,
-    };
     let reload = || match &args.config {
         Some(path) => {
             let outcome = match atlas_runtime::control::reload(&current, path) {
