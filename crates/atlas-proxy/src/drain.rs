@@ -85,6 +85,9 @@ struct Inner {
     cancellers: RefCell<Slab<Canceller>>,
     /// Client connections open on this worker.
     live: Cell<usize>,
+    /// Other work the drain must wait for (accept loops finishing their
+    /// canceled accept, connections accepted but not yet running).
+    holds: Cell<usize>,
     /// Woken when `live` drops to zero while draining (only the worker's
     /// own drain task waits here).
     idle_wakers: RefCell<Vec<Waker>>,
@@ -150,13 +153,24 @@ impl Drain {
         self.0.live.get()
     }
 
-    /// Resolves when draining and no connection is live.
+    /// Keeps the worker from finishing its drain while the guard lives,
+    /// without counting as a client connection.
+    pub fn hold(&self) -> HoldGuard {
+        self.0.holds.set(self.0.holds.get() + 1);
+        HoldGuard(self.clone())
+    }
+
+    fn quiet(&self) -> bool {
+        self.0.live.get() == 0 && self.0.holds.get() == 0
+    }
+
+    /// Resolves when draining, no connection is live and nothing is held.
     pub fn idle(&self) -> Idle {
         Idle(self.clone())
     }
 
     fn wake_if_idle(&self) {
-        if self.is_draining() && self.0.live.get() == 0 {
+        if self.is_draining() && self.quiet() {
             for w in self.0.idle_wakers.borrow_mut().drain(..) {
                 w.wake();
             }
@@ -178,6 +192,16 @@ impl Drop for Registration {
 }
 
 pub struct LiveGuard(Drain);
+
+pub struct HoldGuard(Drain);
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        let inner = &self.0 .0;
+        inner.holds.set(inner.holds.get() - 1);
+        self.0.wake_if_idle();
+    }
+}
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
@@ -226,7 +250,7 @@ pub struct Idle(Drain);
 impl Future for Idle {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.is_draining() && self.0.live() == 0 {
+        if self.0.is_draining() && self.0.quiet() {
             return Poll::Ready(());
         }
         self.0 .0.idle_wakers.borrow_mut().push(cx.waker().clone());

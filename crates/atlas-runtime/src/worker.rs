@@ -222,6 +222,10 @@ fn apply(w: usize, gen: &Generation, ctxs: &mut [Rc<ListenerCtx>], pool: &Rc<Con
 
 async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
     let drain = Drain::current();
+    // The loop counts as live until it has seen its canceled accept
+    // complete: an accept that raced the cancel still yields a connection,
+    // and the worker must not exit before that connection is served.
+    let _loop_hold = drain.hold();
     loop {
         if drain.is_draining() {
             break;
@@ -264,8 +268,10 @@ async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
+        // Live from the accept on, not from when the task first runs.
+        let hold = drain.hold();
         monoio::spawn(async move {
-            let _slots = (listener_slot, ip_slot);
+            let _slots = (listener_slot, ip_slot, hold);
             match (&ctx.tls, ctx.mode) {
                 (None, Mode::Http | Mode::Static) => {
                     let fd = stream.as_raw_fd();
