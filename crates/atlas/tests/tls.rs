@@ -211,96 +211,6 @@ fn peer_leaf(t: &Tls) -> CertificateDer<'static> {
     t.conn.peer_certificates().and_then(|c| c.first()).expect("server sent no certificate").clone().into_owned()
 }
 
-/// A raw HTTP/1.1 client over any stream (TLS here), like `common::Client`.
-struct HttpOver<S: Read + Write> {
-    s: S,
-    buf: Vec<u8>,
-}
-
-impl<S: Read + Write> HttpOver<S> {
-    fn new(s: S) -> Self {
-        HttpOver { s, buf: Vec::new() }
-    }
-
-    fn fill(&mut self) -> io::Result<usize> {
-        let mut tmp = [0u8; 64 * 1024];
-        match self.s.read(&mut tmp) {
-            Ok(n) => {
-                self.buf.extend_from_slice(&tmp[..n]);
-                Ok(n)
-            }
-            // A TLS peer closing without close_notify.
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Ok(0),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn request(&mut self, raw: impl AsRef<[u8]>) -> Response {
-        self.s.write_all(raw.as_ref()).expect("write request");
-        self.s.flush().unwrap();
-        self.read_response(false).unwrap_or_else(|e| panic!("reading response: {e}"))
-    }
-
-    fn get(&mut self, path: &str) -> Response {
-        self.request(get_req(path))
-    }
-
-    fn head(&mut self, path: &str) -> Response {
-        self.s.write_all(format!("HEAD {path} HTTP/1.1\r\nHost: atlas.test\r\n\r\n").as_bytes()).unwrap();
-        self.read_response(true).unwrap_or_else(|e| panic!("reading response: {e}"))
-    }
-
-    fn read_response(&mut self, head_request: bool) -> io::Result<Response> {
-        let head_end = loop {
-            if let Some(p) = find(&self.buf, b"\r\n\r\n") {
-                break p + 4;
-            }
-            if self.fill()? == 0 {
-                return Err(io::Error::new(ErrorKind::UnexpectedEof, format!("closed before a full head; got {}", show(&self.buf))));
-            }
-        };
-        let head = String::from_utf8_lossy(&self.buf[..head_end - 4]).into_owned();
-        let mut lines = head.split("\r\n");
-        let start = lines.next().unwrap_or("").to_string();
-        let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n.to_string(), v.trim().to_string())).collect();
-        let mut parts = start.splitn(3, ' ');
-        let version = parts.next().unwrap_or("").to_string();
-        let status: u16 =
-            parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| io::Error::new(ErrorKind::InvalidData, format!("bad status line {start:?}")))?;
-        let reason = parts.next().unwrap_or("").to_string();
-        let hv = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
-        let chunked = hv("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-        let no_body = head_request || (100..200).contains(&status) || status == 204 || status == 304;
-        let (body, used) = if no_body {
-            (Vec::new(), 0)
-        } else if chunked {
-            loop {
-                match decode_chunked(&self.buf[head_end..]) {
-                    Ok(Some(x)) => break x,
-                    Ok(None) => {
-                        if self.fill()? == 0 {
-                            return Err(io::Error::new(ErrorKind::UnexpectedEof, "closed inside a chunked body"));
-                        }
-                    }
-                    Err(e) => return Err(io::Error::new(ErrorKind::InvalidData, e)),
-                }
-            }
-        } else if let Some(n) = hv("content-length").and_then(|v| v.parse::<usize>().ok()) {
-            while self.buf.len() < head_end + n {
-                if self.fill()? == 0 {
-                    return Err(io::Error::new(ErrorKind::UnexpectedEof, format!("closed after {} of {n} body bytes", self.buf.len() - head_end)));
-                }
-            }
-            (self.buf[head_end..head_end + n].to_vec(), n)
-        } else {
-            while self.fill()? > 0 {}
-            (self.buf[head_end..].to_vec(), self.buf.len() - head_end)
-        };
-        self.buf.drain(..head_end + used);
-        Ok(Response { version, status, reason, headers, body, chunked, head })
-    }
-}
-
 // ---------------------------------------------------------------------------
 // curl
 // ---------------------------------------------------------------------------
@@ -338,7 +248,7 @@ fn https_proxy_keep_alive_alpn_and_forwarded_proto() {
 
     let t = tls_connect(addr, "localhost", &ClientOpts { ca: Some(&ca), ..Default::default() }).expect("TLS handshake with the CA-verified certificate");
     assert_eq!(t.conn.alpn_protocol(), Some(&b"http/1.1"[..]), "ALPN must select http/1.1 (client offered h2 and http/1.1)");
-    let mut c = HttpOver::new(t);
+    let mut c = Client::over(t);
     for i in 0..20 {
         let r = c.get(&format!("/item/{i}?q=1"));
         assert_eq!((r.status, r.text()), (200, format!("GET /item/{i}?q=1 proto=https")), "{}", r.head);
@@ -435,7 +345,7 @@ fn tls12_and_tls13_negotiate_and_tls11_is_refused() {
             tls_connect(addr, "localhost", &ClientOpts { ca: Some(&ca), ver, ..Default::default() }).unwrap_or_else(|e| panic!("handshake for {want:?}: {e}"));
         assert_eq!(t.conn.protocol_version(), Some(want));
         assert_eq!(t.conn.alpn_protocol(), Some(&b"http/1.1"[..]), "ALPN with {want:?}");
-        let mut c = HttpOver::new(t);
+        let mut c = Client::over(t);
         assert_eq!(c.get("/v").text(), "/v", "request over {want:?}");
         assert_eq!(c.get("/w").text(), "/w", "second request over {want:?}");
     }
@@ -540,7 +450,7 @@ fn sni_chooses_the_certificate_and_key_formats_load() {
         for ver in [Ver::V12, Ver::V13] {
             let t = tls_connect(addr, name, &ClientOpts { ca: Some(&ca), ver, ..Default::default() })
                 .unwrap_or_else(|e| panic!("verified handshake for {name} ({}): {e}", if ver == Ver::V12 { "1.2" } else { "1.3" }));
-            let mut c = HttpOver::new(t);
+            let mut c = Client::over(t);
             assert_eq!(c.get(&format!("/{name}")).text(), format!("/{name}"));
         }
         let out = curl(&["--cacert", &path_of(&ca_pem), "--resolve", &resolve(name, addr), &format!("https://{name}:{}/c", addr.port())]);
@@ -569,7 +479,7 @@ fn static_files_over_tls_including_a_large_file() {
     let atlas = Atlas::start(&cfg);
     let t = tls_connect(atlas.addr(), "localhost", &ClientOpts { ca: Some(&ca), ..Default::default() }).expect("handshake");
     assert_eq!(t.conn.alpn_protocol(), Some(&b"http/1.1"[..]), "static listener ALPN");
-    let mut c = HttpOver::new(t);
+    let mut c = Client::over(t);
 
     let r = c.get("/");
     assert_eq!((r.status, r.text().as_str()), (200, "<h1>tls index</h1>"), "{}", r.head);
@@ -589,7 +499,8 @@ fn static_files_over_tls_including_a_large_file() {
     assert_eq!(r.status, 206, "{}", r.head);
     assert_eq!(r.header("content-range"), Some(format!("bytes {a}-{}/{}", a + 99_999, big.len()).as_str()));
     assert!(r.body == big[a..a + 100_000], "range over TLS differs");
-    let r = c.head("/big.bin");
+    c.send("HEAD /big.bin HTTP/1.1\r\nHost: atlas.test\r\n\r\n");
+    let r = c.read_head_response();
     assert_eq!(r.header("content-length"), Some(big.len().to_string().as_str()));
     let etag = r.header("etag").unwrap().to_string();
     let r = c.request(format!("GET /big.bin HTTP/1.1\r\nHost: h\r\nIf-None-Match: {etag}\r\n\r\n"));
@@ -637,7 +548,7 @@ fn certificates_are_reloaded_without_restart() {
     // A connection made before the swap.
     let t = tls_connect(addr, "localhost", &verified).unwrap();
     assert!(peer_leaf(&t) == v1.der, "initial certificate");
-    let mut before = HttpOver::new(t);
+    let mut before = Client::over(t);
     assert_eq!(before.get("/before").text(), "/before");
 
     replace_file(&key, &v2.key_pem);
@@ -646,7 +557,7 @@ fn certificates_are_reloaded_without_restart() {
     assert!(took.is_some_and(|t| t <= Duration::from_millis(3500)), "new handshakes did not present the replaced certificate within ~3 s (got after {took:?})");
     eprintln!("certificate swap seen after {took:?}");
     let t = tls_connect(addr, "localhost", &verified).expect("verified handshake with the new certificate");
-    let mut after = HttpOver::new(t);
+    let mut after = Client::over(t);
     assert_eq!(after.get("/after").text(), "/after");
 
     // The connection from before the swap still works.
@@ -680,7 +591,7 @@ fn config_reload_switches_to_other_certificate_files() {
     let verified = ClientOpts { ca: Some(&ca), ..Default::default() };
     let t = tls_connect(addr, "localhost", &verified).unwrap();
     assert!(peer_leaf(&t) == v1.der);
-    let mut before = HttpOver::new(t);
+    let mut before = Client::over(t);
     assert_eq!(before.get("/one").text(), "/one");
 
     // The configuration now names the other pair of files (no file changed).
@@ -791,10 +702,9 @@ fn tcp_mode_terminates_tls() {
     let atlas = Atlas::start(&tls_config("tcp", &[be.addr], &tls_section(&cert, &key, &[]), ""));
 
     let t = tls_connect(atlas.addr(), "localhost", &ClientOpts { ca: Some(&ca), alpn: false, ..Default::default() }).expect("TLS handshake on a tcp listener");
-    let mut c = HttpOver::new(t);
+    let mut c = Client::over(t);
     let payload = [b"hello over tls\n".to_vec(), pattern(200_000, 12)].concat();
-    c.s.write_all(&payload).unwrap();
-    c.s.flush().unwrap();
+    c.send(&payload);
     while c.buf.len() < payload.len() {
         let n = c.fill().unwrap_or_else(|e| panic!("read echo after {} bytes: {e}", c.buf.len()));
         assert!(n > 0, "closed after {} echoed bytes", c.buf.len());

@@ -886,13 +886,15 @@ pub fn get_req(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: atlas.test\r\n\r\n")
 }
 
-pub struct Client {
-    pub stream: TcpStream,
+/// A raw HTTP/1.1 client over a plain socket or, with [`Client::over`],
+/// any stream (TLS in `tls.rs`).
+pub struct Client<S: Read + Write = TcpStream> {
+    pub stream: S,
     /// Received bytes not yet consumed by a parsed response.
     pub buf: Vec<u8>,
 }
 
-impl Client {
+impl Client<TcpStream> {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         set_timeouts(&stream, IO_TIMEOUT);
@@ -908,6 +910,34 @@ impl Client {
         Ok(Client { stream, buf: Vec::new() })
     }
 
+    /// True if the peer closes (EOF or reset) within `within`. Bytes that
+    /// arrive meanwhile are kept in `buf`.
+    pub fn is_closed(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let closed = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            match self.fill() {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe) => break true,
+                Err(_) => break false,
+            }
+        };
+        let _ = self.stream.set_read_timeout(Some(IO_TIMEOUT));
+        closed
+    }
+}
+
+impl<S: Read + Write> Client<S> {
+    /// A client over an already connected stream.
+    pub fn over(stream: S) -> Client<S> {
+        Client { stream, buf: Vec::new() }
+    }
+
     /// Sends a GET for `path` and reads the response, returning any error.
     pub fn try_get(&mut self, path: &str) -> io::Result<Response> {
         self.stream.write_all(get_req(path).as_bytes())?;
@@ -916,6 +946,7 @@ impl Client {
 
     pub fn send(&mut self, data: impl AsRef<[u8]>) {
         self.stream.write_all(data.as_ref()).expect("client write");
+        self.stream.flush().expect("client flush");
     }
 
     /// Sends `data`, returning the error instead of panicking.
@@ -935,9 +966,14 @@ impl Client {
         self.read_response()
     }
 
-    fn fill(&mut self) -> io::Result<usize> {
+    pub fn fill(&mut self) -> io::Result<usize> {
         let mut tmp = [0u8; 64 * 1024];
-        let n = self.stream.read(&mut tmp)?;
+        let n = match self.stream.read(&mut tmp) {
+            Ok(n) => n,
+            // A TLS peer closing without close_notify.
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e),
+        };
         self.buf.extend_from_slice(&tmp[..n]);
         Ok(n)
     }
@@ -1024,27 +1060,6 @@ impl Client {
             }
         }
         std::mem::take(&mut self.buf)
-    }
-
-    /// True if the peer closes (EOF or reset) within `within`. Bytes that
-    /// arrive meanwhile are kept in `buf`.
-    pub fn is_closed(&mut self, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        let closed = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break false;
-            }
-            self.stream.set_read_timeout(Some(left)).unwrap();
-            match self.fill() {
-                Ok(0) => break true,
-                Ok(_) => continue,
-                Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe) => break true,
-                Err(_) => break false,
-            }
-        };
-        let _ = self.stream.set_read_timeout(Some(IO_TIMEOUT));
-        closed
     }
 }
 
