@@ -800,6 +800,23 @@ def main(argv):
     return 0
 
 
+def cleanup_run(procs, tmp):
+    """Stops everything a measurement script started, Atlas included."""
+    procs.stop_all()
+    subprocess.run(["pkill", "-f", f"atlas.*{tmp}"], capture_output=True)
+    if not os.environ.get("KEEP_TMP"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def script_main(main, name):
+    """Entry point of a measurement script: exit status, clean errors."""
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _on_signal(signum, _frame):
     raise SystemExit(128 + signum)
 

@@ -70,7 +70,7 @@ def main():
         a.wait(timeout=40)
         w = bench.parse_wrk(out)
         reqs, rps, non2xx = w["requests"], w["rps"], w["non2xx"]
-        sock = [w["sockors"].get(k, 0) for k in ("connect", "read", "write", "timeout")]
+        sock = [w["sock_errors"].get(k, 0) for k in ("connect", "read", "write", "timeout")]
         text = open(log).read()
         down = len(re.findall(r"upstream DOWN", text))
         up = len(re.findall(r"upstream UP", text))
@@ -81,15 +81,8 @@ def main():
         print(f"Atlas logged: upstream DOWN x{down}, upstream UP x{up}")
         return 0
     finally:
-        procs.stop_all()
-        subprocess.run(["pkill", "-f", f"atlas.*{tmp}"], capture_output=True)
-        if not os.environ.get("KEEP_TMP"):
-            subprocess.run(["rm", "-rf", tmp])
+        bench.cleanup_run(procs, tmp)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except bench.BenchError as e:
-        print(f"bench-failover: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    bench.script_main(main, "bench-failover")

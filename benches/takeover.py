@@ -83,7 +83,7 @@ def main():
         current.wait(timeout=15)
         w = bench.parse_wrk(out)
         reqs, rps, non2xx = w["requests"], w["rps"], w["non2xx"]
-        sock = [w["sockors"].get(k, 0) for k in ("connect", "read", "write", "timeout")]
+        sock = [w["sock_errors"].get(k, 0) for k in ("connect", "read", "write", "timeout")]
         print(f"\n== takeover: {takeovers} consecutive `atlas --takeover` under wrk -t1 -c{conns} "
               f"(each connection paced {delay_ms} ms between requests), {duration} s ==")
         print(f"requests {reqs}  ({rps:.0f} req/s)")
@@ -94,15 +94,8 @@ def main():
         print("result:", "PASS (0 errors, 0 non-2xx)" if ok else "FAIL")
         return 0 if ok else 1
     finally:
-        procs.stop_all()
-        subprocess.run(["pkill", "-f", f"atlas.*{tmp}"], capture_output=True)
-        if not os.environ.get("KEEP_TMP"):
-            subprocess.run(["rm", "-rf", tmp])
+        bench.cleanup_run(procs, tmp)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except bench.BenchError as e:
-        print(f"bench-takeover: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    bench.script_main(main, "bench-takeover")
