@@ -3,17 +3,28 @@
 //!
 //! | route | |
 //! |---|---|
+//! | `GET /` | the dashboard page (self-contained, refreshes itself) |
 //! | `GET /health` | liveness: 200 while the process serves |
 //! | `GET /ready` | readiness: 503 before the listeners are up and while draining |
+//! | `GET /metrics` | Prometheus text format |
 //! | `GET /api/v1/status` | version, uptime, config file and last reload, driver, workers, listeners |
-//! | `GET /api/v1/upstreams` | per upstream: group, address, weight, health, drained, in flight |
+//! | `GET /api/v1/listeners` | per listener: connections, requests by class, bytes, latency, rejections |
+//! | `GET /api/v1/upstreams` | per upstream: address, weight, health, in flight, requests, errors, latency quantiles |
+//! | `GET /api/v1/events` | recent notable events (errors, health, reloads) |
+//! | `GET /api/v1/skim`, `/api/v1/skim/rates` | the traffic tap (see `skim.rs`) |
 //! | `POST /api/v1/upstreams/{name}/drain` | take it out of rotation (in-flight requests finish) |
 //! | `POST /api/v1/upstreams/{name}/enable` | put it back |
 //!
 //! Write endpoints need a source address in `[api] allow` (403 otherwise)
 //! and, when `[api] token` is set, `Authorization: Bearer <token>` (401).
+//! Read endpoints need a source in `[api] read_allow` (default: the same
+//! list); `/health` and `/ready` are open to every source (probes).
 //! Errors are JSON objects with an `error` message; an unknown route is
 //! 404, a known route with the wrong method 405.
+
+mod api;
+mod prometheus;
+mod skim;
 
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
@@ -28,6 +39,9 @@ use monoio::net::{TcpListener, TcpStream};
 use serde_json::{json, Value};
 
 const MAX_HEAD: usize = 16 * 1024;
+
+/// The dashboard: one page, its CSS and script inline (no CDN).
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// What the API reports and steers.
 pub struct AdminState {
@@ -78,17 +92,24 @@ pub fn start(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<(Socke
     Ok((local, h))
 }
 
-struct Reply {
+pub(crate) enum Body {
+    Json(Value),
+    Raw(&'static str, Vec<u8>),
+    /// A server-sent event stream of a skim tap, after a sequence number.
+    Sse(Arc<atlas_observe::skim::Tap>, u64),
+}
+
+pub(crate) struct Reply {
     status: u16,
-    body: Value,
+    body: Body,
     extra: &'static str,
 }
 
-fn reply(status: u16, body: Value) -> Reply {
-    Reply { status, body, extra: "" }
+pub(crate) fn reply(status: u16, body: Value) -> Reply {
+    Reply { status, body: Body::Json(body), extra: "" }
 }
 
-fn error(status: u16, msg: impl Into<String>) -> Reply {
+pub(crate) fn error(status: u16, msg: impl Into<String>) -> Reply {
     reply(status, json!({ "error": msg.into() }))
 }
 
@@ -105,91 +126,93 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn encode(r: &Reply, keep: bool) -> Vec<u8> {
-    let body = r.body.to_string();
-    format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: {}\r\n{}\r\n{body}",
-        r.status,
-        reason(r.status),
+fn encode(status: u16, content_type: &str, body: &[u8], extra: &str, keep: bool, head_only: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: {}\r\n{extra}\r\n",
+        reason(status),
         body.len(),
         if keep { "keep-alive" } else { "close" },
-        r.extra
     )
-    .into_bytes()
+    .into_bytes();
+    if !head_only {
+        out.extend_from_slice(body);
+    }
+    out
 }
 
-/// A parsed request: method, path, and the `Authorization` header.
-struct Req {
+/// A parsed request.
+pub(crate) struct Req {
     method: String,
+    /// Path without the query.
     path: String,
+    /// Decoded query parameters.
+    query: Vec<(String, String)>,
     authorization: Option<String>,
+    accept: Option<String>,
+    last_event_id: Option<u64>,
 }
 
-fn status(state: &AdminState) -> Value {
-    let g = state.current.load();
-    let listeners: Vec<Value> =
-        g.cfg.listeners.iter().map(|l| json!({ "name": l.name, "address": l.addr.to_string(), "mode": l.mode.as_str(), "tls": l.tls.is_some() })).collect();
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_secs": state.started.elapsed().as_secs(),
-        "config_file": state.config_path.as_ref().map(|p| p.display().to_string()),
-        "config_version": g.version,
-        "last_reload": state.last_reload.lock().map(|v| v.clone()).unwrap_or(Value::Null),
-        "driver": state.driver,
-        "workers": g.cfg.workers,
-        "draining": atlas_proxy::drain::process_drain_requested(),
-        "listeners": listeners,
-    })
+/// A query parameter (the first of that name).
+pub(crate) fn param(req: &Req, key: &str) -> Option<String> {
+    req.query.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
 }
 
-fn upstreams(state: &AdminState) -> Value {
-    let g = state.current.load();
-    let mut out = Vec::new();
-    for group in &g.shared.groups {
-        for i in 0..group.len() {
-            let c = group.inflight.counters(i);
-            out.push(json!({
-                "name": group.names[i],
-                "group": group.name,
-                "address": group.addrs[i].to_string(),
-                "weight": group.weights[i],
-                "max_conns": group.max_conns[i],
-                "health": if c.is_healthy() { "up" } else { "down" },
-                "drained": c.is_drained(),
-                "in_flight": c.total(),
-            }));
-        }
-    }
-    json!({ "upstreams": out })
-}
-
-/// Drains or enables every upstream called `name` (in any group).
-fn set_drained(state: &AdminState, name: &str, drained: bool) -> Reply {
-    let g = state.current.load();
-    let mut found = 0;
-    for group in &g.shared.groups {
-        for i in 0..group.len() {
-            if group.names[i] == name {
-                found += 1;
-                if group.inflight.counters(i).set_drained(drained) {
-                    tracing::info!(upstream = name, "upstream {} by the admin API", if drained { "drained" } else { "enabled" });
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
         }
+        i += 1;
     }
-    if found == 0 {
-        return error(404, format!("no upstream named `{name}`"));
-    }
-    reply(200, json!({ "upstream": name, "drained": drained }))
+    String::from_utf8_lossy(&out).into_owned()
 }
 
-fn authorize(state: &AdminState, peer: IpAddr, req: &Req) -> Option<Reply> {
-    let g = state.current.load();
-    let Some(api) = &g.cfg.api else { return Some(error(403, "the API is not configured for writes")) };
-    let peer = match peer {
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (percent_decode(k), percent_decode(v)),
+            None => (percent_decode(p), String::new()),
+        })
+        .collect()
+}
+
+fn unmapped(peer: IpAddr) -> IpAddr {
+    match peer {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
-    };
+    }
+}
+
+/// Reads need a source in `[api] read_allow`.
+fn authorize_read(state: &AdminState, peer: IpAddr) -> Option<Reply> {
+    let g = state.current.load();
+    let api = g.cfg.api.as_ref()?;
+    let peer = unmapped(peer);
+    if api.read_allow.iter().any(|net| net.contains(&peer)) {
+        None
+    } else {
+        Some(error(403, format!("{peer} is not in [api] read_allow")))
+    }
+}
+
+fn authorize_write(state: &AdminState, peer: IpAddr, req: &Req) -> Option<Reply> {
+    let g = state.current.load();
+    let Some(api) = &g.cfg.api else { return Some(error(403, "the API is not configured for writes")) };
+    let peer = unmapped(peer);
     if !api.allow.iter().any(|net| net.contains(&peer)) {
         return Some(error(403, format!("{peer} is not in [api] allow")));
     }
@@ -204,44 +227,84 @@ fn authorize(state: &AdminState, peer: IpAddr, req: &Req) -> Option<Reply> {
     None
 }
 
+const GET_ROUTES: [&str; 10] =
+    ["/", "/health", "/ready", "/metrics", "/api/v1/status", "/api/v1/listeners", "/api/v1/upstreams", "/api/v1/events", "/api/v1/skim", "/api/v1/skim/rates"];
+
 fn route(state: &AdminState, peer: IpAddr, req: &Req) -> Reply {
-    let path = req.path.split('?').next().unwrap_or("");
+    let path = req.path.as_str();
     let get = req.method == "GET" || req.method == "HEAD";
     let only = |allowed: &'static str| {
         let mut r = error(405, format!("{} is not allowed on {path}; use {allowed}", req.method));
         r.extra = if allowed == "GET" { "Allow: GET, HEAD\r\n" } else { "Allow: POST\r\n" };
         r
     };
-    match path {
-        "/health" if get => reply(200, json!({ "status": "ok" })),
-        "/ready" if get => {
-            if atlas_proxy::drain::process_drain_requested() {
-                reply(503, json!({ "ready": false, "reason": "draining" }))
-            } else if !state.ready.load(Ordering::Relaxed) {
-                reply(503, json!({ "ready": false, "reason": "starting" }))
-            } else {
-                reply(200, json!({ "ready": true }))
-            }
+    if GET_ROUTES.contains(&path) {
+        if !get {
+            return only("GET");
         }
-        "/api/v1/status" if get => reply(200, status(state)),
-        "/api/v1/upstreams" if get => reply(200, upstreams(state)),
-        "/health" | "/ready" | "/api/v1/status" | "/api/v1/upstreams" => only("GET"),
-        _ => {
-            let action = path.strip_prefix("/api/v1/upstreams/").and_then(|rest| rest.rsplit_once('/'));
-            match action {
-                Some((name, verb @ ("drain" | "enable"))) if !name.is_empty() && !name.contains('/') => {
-                    if req.method != "POST" {
-                        return only("POST");
-                    }
-                    if let Some(denied) = authorize(state, peer, req) {
-                        return denied;
-                    }
-                    set_drained(state, name, verb == "drain")
-                }
-                _ => error(404, format!("no route for {} {path}", req.method)),
+        match path {
+            "/health" => return reply(200, json!({ "status": "ok" })),
+            "/ready" => {
+                return if atlas_proxy::drain::process_drain_requested() {
+                    reply(503, json!({ "ready": false, "reason": "draining" }))
+                } else if !state.ready.load(Ordering::Relaxed) {
+                    reply(503, json!({ "ready": false, "reason": "starting" }))
+                } else {
+                    reply(200, json!({ "ready": true }))
+                };
             }
+            _ => {}
         }
+        if let Some(denied) = authorize_read(state, peer) {
+            return denied;
+        }
+        return match path {
+            "/" => Reply { status: 200, body: Body::Raw("text/html; charset=utf-8", DASHBOARD.as_bytes().to_vec()), extra: "" },
+            "/metrics" => Reply { status: 200, body: Body::Raw("text/plain; version=0.0.4; charset=utf-8", prometheus::render(state).into_bytes()), extra: "" },
+            "/api/v1/status" => reply(200, api::status(state)),
+            "/api/v1/listeners" => reply(200, api::listeners(state)),
+            "/api/v1/upstreams" => reply(200, api::upstreams(state)),
+            "/api/v1/events" => match param(req, "limit").map(|v| v.parse::<usize>()) {
+                None => reply(200, api::events(50)),
+                Some(Ok(n)) => reply(200, api::events(n)),
+                Some(Err(_)) => error(400, "`limit` must be a non-negative integer"),
+            },
+            "/api/v1/skim" => skim::samples(state, req),
+            _ => skim::rates(state, req),
+        };
     }
+    let action = path.strip_prefix("/api/v1/upstreams/").and_then(|rest| rest.rsplit_once('/'));
+    match action {
+        Some((name, verb @ ("drain" | "enable"))) if !name.is_empty() && !name.contains('/') => {
+            if req.method != "POST" {
+                return only("POST");
+            }
+            if let Some(denied) = authorize_write(state, peer, req) {
+                return denied;
+            }
+            api::set_drained(state, &percent_decode(name), verb == "drain")
+        }
+        _ => error(404, format!("no route for {} {path}", req.method)),
+    }
+}
+
+/// Parses a complete head; `None` when it is malformed.
+fn parse(req: &httparse::Request) -> (Req, bool, bool) {
+    let keep = req.version == Some(1) && !req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close"));
+    let has_body =
+        req.headers.iter().any(|h| (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0") || h.name.eq_ignore_ascii_case("transfer-encoding"));
+    let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| String::from_utf8_lossy(h.value).into_owned());
+    let target = req.path.unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let r = Req {
+        method: req.method.unwrap_or("").to_string(),
+        path: path.to_string(),
+        query: parse_query(query),
+        authorization: header("authorization"),
+        accept: header("accept"),
+        last_event_id: header("last-event-id").and_then(|v| v.trim().parse().ok()),
+    };
+    (r, keep, has_body)
 }
 
 async fn serve(mut s: TcpStream, peer: SocketAddr, state: Arc<AdminState>) {
@@ -252,45 +315,52 @@ async fn serve(mut s: TcpStream, peer: SocketAddr, state: Arc<AdminState>) {
             let mut req = httparse::Request::new(&mut h);
             match req.parse(&buf) {
                 Ok(httparse::Status::Complete(n)) => {
-                    let keep = req.version == Some(1)
-                        && !req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close"));
-                    let has_body = req
-                        .headers
-                        .iter()
-                        .any(|h| (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0") || h.name.eq_ignore_ascii_case("transfer-encoding"));
-                    let r = Req {
-                        method: req.method.unwrap_or("").to_string(),
-                        path: req.path.unwrap_or("").to_string(),
-                        authorization: req
-                            .headers
-                            .iter()
-                            .find(|h| h.name.eq_ignore_ascii_case("authorization"))
-                            .map(|h| String::from_utf8_lossy(h.value).into_owned()),
-                    };
+                    let (r, keep, has_body) = parse(&req);
                     // None of our routes takes a body: refuse one rather than misread the stream.
                     let out = if has_body { error(400, "request bodies are not accepted here") } else { route(&state, peer.ip(), &r) };
-                    let keep = keep && !has_body;
-                    let mut bytes = encode(&out, keep);
-                    if r.method == "HEAD" {
-                        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
-                            bytes.truncate(end + 4);
-                        }
-                    }
-                    break Some((n, bytes, keep));
+                    break Some((n, out, keep && !has_body, r.method == "HEAD"));
                 }
                 Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
-                _ => break Some((buf.len(), encode(&error(400, "malformed request"), false), false)),
+                _ => break Some((buf.len(), error(400, "malformed request"), false, false)),
             }
             match monoio::time::timeout(Duration::from_secs(10), read_more(&mut s, &mut buf, MAX_HEAD + 1024)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => break None,
             }
         };
-        let Some((n, mut out, keep)) = parsed else { break };
+        let Some((n, out, keep, head_only)) = parsed else { break };
         buf.drain(..n);
-        if write_vec(&mut s, &mut out).await.is_err() || !keep {
+        let mut bytes = match out.body {
+            Body::Json(v) => encode(out.status, "application/json", v.to_string().as_bytes(), out.extra, keep, head_only),
+            Body::Raw(ct, b) => encode(out.status, ct, &b, out.extra, keep, head_only),
+            Body::Sse(tap, since) => {
+                if !head_only {
+                    skim::stream(&mut s, tap, since).await;
+                }
+                break;
+            }
+        };
+        if write_vec(&mut s, &mut bytes).await.is_err() || !keep {
             break;
         }
     }
     give_buf(buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        let q = parse_query("listener=web%20a&limit=5&x&b=%zz&c=a+b&d=%4");
+        assert_eq!(q[0], ("listener".into(), "web a".into()));
+        assert_eq!(q[1], ("limit".into(), "5".into()));
+        assert_eq!(q[2], ("x".into(), "".into()));
+        assert_eq!(q[3], ("b".into(), "%zz".into()));
+        assert_eq!(q[4], ("c".into(), "a b".into()));
+        assert_eq!(q[5], ("d".into(), "%4".into()));
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%e2%82%ac"), "€");
+    }
 }

@@ -162,6 +162,40 @@ pub enum RouteTarget {
 pub struct Route {
     pub prefix: String,
     pub target: RouteTarget,
+    /// Skim this route's requests (even when the listener is not tapped).
+    pub skim: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    Combined,
+    Json,
+}
+
+/// A listener's access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLog {
+    /// `None`: standard output.
+    pub path: Option<PathBuf>,
+    pub format: AccessLogFormat,
+}
+
+/// A listener's traffic tap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skim {
+    /// Every request of the listener is sampled (`skim = true` on it).
+    pub all: bool,
+    /// Some of its routes are sampled (`skim = true` on the route).
+    pub routes: bool,
+    /// Leading payload bytes copied into each sample (0: metadata only).
+    pub payload_bytes: usize,
+}
+
+impl Skim {
+    /// Whether the listener needs a tap at all.
+    pub fn enabled(&self) -> bool {
+        self.all || self.routes
+    }
 }
 
 /// `[static_files]` settings shared by every static root.
@@ -215,6 +249,8 @@ pub struct Listener {
     pub max_connections: usize,
     /// Prefix routes, longest first.
     pub routes: Vec<Route>,
+    pub access_log: Option<AccessLog>,
+    pub skim: Skim,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +281,9 @@ pub struct Api {
     pub allow: Vec<ipnet::IpNet>,
     /// Bearer token required on write endpoints, when set.
     pub token: Option<String>,
+    /// Sources allowed to call read endpoints (metrics, status, skim,
+    /// dashboard). `/health` and `/ready` are open to all.
+    pub read_allow: Vec<ipnet::IpNet>,
 }
 
 /// The default `[api] allow`: loopback and private ranges.

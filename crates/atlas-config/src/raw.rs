@@ -29,6 +29,14 @@ pub struct RawListener {
     pub root: Option<Spanned<String>>,
     /// Most open client connections on this listener (whole process).
     pub max_connections: Option<Spanned<i64>>,
+    /// `"stdout"` or a file path; absent: no access log.
+    pub access_log: Option<Spanned<String>>,
+    /// `"combined"` (default) or `"json"`.
+    pub access_log_format: Option<Spanned<String>>,
+    /// Tap this listener's traffic for `GET /api/v1/skim`.
+    pub skim: Option<bool>,
+    /// Copy this many leading payload bytes into each sample (default 0).
+    pub skim_payload_bytes: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +107,8 @@ pub struct RawRoute {
     pub group: Option<Spanned<String>>,
     /// Remove the prefix before mapping to files (nginx `alias`).
     pub strip_prefix: Option<bool>,
+    /// Tap the requests of this route for `GET /api/v1/skim`.
+    pub skim: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +127,8 @@ pub struct RawApi {
     pub address: Option<Spanned<String>>,
     pub allow: Option<Vec<Spanned<String>>>,
     pub token: Option<Spanned<String>>,
+    /// Sources allowed to call read endpoints (default: same as `allow`).
+    pub read_allow: Option<Vec<Spanned<String>>>,
     pub enabled: Option<bool>,
 }
 

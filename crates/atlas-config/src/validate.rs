@@ -229,6 +229,9 @@ fn listener(diag: &mut Diag<'_>, raw: &Spanned<RawListener>, key: &str, index: u
     let tls = r.tls.as_ref().and_then(|t| tls_listener(diag, t, &format!("{key}.tls")));
     let static_root = r.root.as_ref().and_then(|root| directory(diag, root, &format!("{key}.root")));
     let backlog = int_in(diag, &r.backlog, &format!("{key}.backlog"), 1, 65535, 4096) as u32;
+    let access_log = access_log(diag, r, key);
+    let payload_bytes = int_in(diag, &r.skim_payload_bytes, &format!("{key}.skim_payload_bytes"), 0, 4096, 0) as usize;
+    let skim = Skim { all: r.skim.unwrap_or(false), routes: false, payload_bytes };
     if bad_mode {
         return None;
     }
@@ -246,10 +249,53 @@ fn listener(diag: &mut Diag<'_>, raw: &Spanned<RawListener>, key: &str, index: u
             static_root,
             max_connections: int_in(diag, &r.max_connections, &format!("{key}.max_connections"), 0, 10_000_000, 0) as usize,
             routes: Vec::new(),
+            access_log,
+            skim,
         },
         group_name,
         key: key.to_string(),
     })
+}
+
+/// `access_log` and `access_log_format`: stdout or a file whose directory exists.
+fn access_log(diag: &mut Diag<'_>, r: &RawListener, key: &str) -> Option<AccessLog> {
+    let format = match &r.access_log_format {
+        None => AccessLogFormat::Combined,
+        Some(f) => match f.get_ref().as_str() {
+            "combined" => AccessLogFormat::Combined,
+            "json" => AccessLogFormat::Json,
+            other => {
+                diag.at(f, format!("{key}.access_log_format"), format!("unknown format `{other}`, expected combined or json"));
+                AccessLogFormat::Combined
+            }
+        },
+    };
+    let v = r.access_log.as_ref()?;
+    let text = v.get_ref().trim();
+    let path = match text {
+        "stdout" | "-" => None,
+        "" => {
+            diag.at(v, format!("{key}.access_log"), "empty: use \"stdout\" or a file path (or leave the key out)");
+            return None;
+        }
+        p => {
+            let path = PathBuf::from(p);
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if !dir.is_dir() {
+                diag.at(v, format!("{key}.access_log"), format!("directory `{}` does not exist", dir.display()));
+                return None;
+            }
+            if path.is_dir() {
+                diag.at(v, format!("{key}.access_log"), format!("`{p}` is a directory"));
+                return None;
+            }
+            Some(path)
+        }
+    };
+    Some(AccessLog { path, format })
 }
 
 fn upstream(diag: &mut Diag<'_>, raw: &Spanned<RawUpstream>, key: &str) -> Option<(String, Upstream)> {
@@ -452,21 +498,23 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
                 }
             },
         }?;
-        let allow = match &r.allow {
-            None => default_api_allow(),
-            Some(list) => list
-                .iter()
-                .filter_map(|c| {
-                    let text = c.get_ref();
-                    let parsed = text.parse::<ipnet::IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
-                    if parsed.is_err() {
-                        diag.at(c, "api.allow", format!("`{text}` is not an address or CIDR (e.g. 10.0.0.0/8)"));
-                    }
-                    parsed.ok()
-                })
-                .collect(),
+        let mut cidrs = |list: &Option<Vec<Spanned<String>>>, key: &str| {
+            list.as_ref().map(|list| {
+                list.iter()
+                    .filter_map(|c| {
+                        let text = c.get_ref();
+                        let parsed = text.parse::<ipnet::IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+                        if parsed.is_err() {
+                            diag.at(c, key, format!("`{text}` is not an address or CIDR (e.g. 10.0.0.0/8)"));
+                        }
+                        parsed.ok()
+                    })
+                    .collect::<Vec<_>>()
+            })
         };
-        Some(Api { addr, allow, token: r.token.as_ref().map(|t| t.get_ref().clone()).filter(|t| !t.is_empty()) })
+        let allow = cidrs(&r.allow, "api.allow").unwrap_or_else(default_api_allow);
+        let read_allow = cidrs(&r.read_allow, "api.read_allow").unwrap_or_else(|| allow.clone());
+        Some(Api { addr, allow, token: r.token.as_ref().map(|t| t.get_ref().clone()).filter(|t| !t.is_empty()), read_allow })
     });
 
     let t = &raw.timeouts;
@@ -626,9 +674,10 @@ fn routes(diag: &mut Diag<'_>, raw: &[Spanned<RawRoute>], listeners: &mut [Liste
             }
         };
         let serves_http = |l: &Listener| matches!(l.mode, Mode::Http | Mode::Static);
+        let skim = route.skim.unwrap_or(false);
         match &route.listener {
             Some(name) => match listeners.iter_mut().find(|l| &l.name == name.get_ref()) {
-                Some(l) if serves_http(l) => l.routes.push(Route { prefix: prefix.clone(), target }),
+                Some(l) if serves_http(l) => l.routes.push(Route { prefix: prefix.clone(), target, skim }),
                 Some(l) => diag.at(
                     name,
                     format!("{key}.listener"),
@@ -638,12 +687,13 @@ fn routes(diag: &mut Diag<'_>, raw: &[Spanned<RawRoute>], listeners: &mut [Liste
             },
             None => {
                 for l in listeners.iter_mut().filter(|l| serves_http(l)) {
-                    l.routes.push(Route { prefix: prefix.clone(), target: target.clone() });
+                    l.routes.push(Route { prefix: prefix.clone(), target: target.clone(), skim });
                 }
             }
         }
     }
     for l in listeners.iter_mut() {
         l.routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        l.skim.routes = l.routes.iter().any(|r| r.skim);
     }
 }

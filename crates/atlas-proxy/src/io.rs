@@ -8,7 +8,8 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use monoio::buf::{IoBuf, IoBufMut};
+use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+use monoio::BufResult;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
 
 /// Size of the per-connection buffers.
@@ -96,13 +97,13 @@ pub fn shutdown_fd(fd: RawFd) {
 
 /// Copies `from` -> `to` until end of stream, then half-closes `to`.
 /// Each read may wait at most `idle`.
-pub async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(from: &mut R, to: &mut W, idle: Duration) -> io::Result<u64> {
+/// `total` counts the bytes written so far (also when it fails).
+pub async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(from: &mut R, to: &mut W, idle: Duration, total: &mut u64) -> io::Result<()> {
     let mut buf = take_buf();
-    let mut total = 0u64;
     let res = loop {
         buf.clear();
         let n = match monoio::time::timeout(idle, read_more(from, &mut buf, BUF_SIZE)).await {
-            Ok(Ok(0)) => break Ok(total),
+            Ok(Ok(0)) => break Ok(()),
             Ok(Ok(n)) => n,
             Ok(Err(e)) => break Err(e),
             Err(_) => break Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
@@ -110,7 +111,7 @@ pub async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(from: &mut R, to: &m
         if let Err(e) = write_vec(to, &mut buf).await {
             break Err(e);
         }
-        total += n as u64;
+        *total += n as u64;
     };
     if res.is_ok() {
         let _ = to.shutdown().await;
@@ -122,7 +123,9 @@ pub async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(from: &mut R, to: &m
 /// Pipes bytes both ways between `a` and `b` until both directions end,
 /// with half-close. If either direction fails, both sockets (`fds`) are shut
 /// down so the other direction ends at once instead of at its idle timeout.
-pub async fn pipe_both<A, B>(a: A, b: B, fds: [RawFd; 2], idle: Duration)
+/// Returns the bytes carried a -> b and b -> a (what was copied before an
+/// error included).
+pub async fn pipe_both<A, B>(a: A, b: B, fds: [RawFd; 2], idle: Duration) -> (u64, u64)
 where
     A: AsyncReadRent + AsyncWriteRent + Split + 'static,
     B: AsyncReadRent + AsyncWriteRent + Split + 'static,
@@ -131,16 +134,96 @@ where
     let (mut br, mut bw) = b.into_split();
     let fail = || fds.iter().for_each(|&fd| shutdown_fd(fd));
     let a_to_b = async {
-        if copy_half(&mut ar, &mut bw, idle).await.is_err() {
+        let mut n = 0;
+        if copy_half(&mut ar, &mut bw, idle, &mut n).await.is_err() {
             fail();
         }
+        n
     };
     let b_to_a = async {
-        if copy_half(&mut br, &mut aw, idle).await.is_err() {
+        let mut n = 0;
+        if copy_half(&mut br, &mut aw, idle, &mut n).await.is_err() {
             fail();
         }
+        n
     };
-    monoio::join!(a_to_b, b_to_a);
+    monoio::join!(a_to_b, b_to_a)
+}
+
+/// A client stream that counts the bytes it carries, for the metrics and
+/// the access log. The counts are taken (and reset) once per request.
+pub struct Metered<S> {
+    pub inner: S,
+    read: u64,
+    written: u64,
+}
+
+impl<S> Metered<S> {
+    pub fn new(inner: S) -> Self {
+        Metered { inner, read: 0, written: 0 }
+    }
+
+    /// Bytes read and written since the last call.
+    pub fn take_counts(&mut self) -> (u64, u64) {
+        (std::mem::take(&mut self.read), std::mem::take(&mut self.written))
+    }
+}
+
+// SAFETY: splitting a `Metered` splits the stream it wraps, which is `Split`;
+// the counters are plain integers owned by the one task using both halves.
+unsafe impl<S: Split> Split for Metered<S> {}
+
+fn count<T>(total: &mut u64, r: BufResult<usize, T>) -> BufResult<usize, T> {
+    if let Ok(n) = r.0 {
+        *total += n as u64;
+    }
+    r
+}
+
+impl<S: AsyncReadRent> AsyncReadRent for Metered<S> {
+    fn read<T: IoBufMut>(&mut self, buf: T) -> impl std::future::Future<Output = BufResult<usize, T>> {
+        async move { count(&mut self.read, self.inner.read(buf).await) }
+    }
+
+    fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl std::future::Future<Output = BufResult<usize, T>> {
+        async move { count(&mut self.read, self.inner.readv(buf).await) }
+    }
+}
+
+impl<S: AsyncWriteRent> AsyncWriteRent for Metered<S> {
+    fn write<T: IoBuf>(&mut self, buf: T) -> impl std::future::Future<Output = BufResult<usize, T>> {
+        async move { count(&mut self.written, self.inner.write(buf).await) }
+    }
+
+    fn writev<T: IoVecBuf>(&mut self, buf: T) -> impl std::future::Future<Output = BufResult<usize, T>> {
+        async move { count(&mut self.written, self.inner.writev(buf).await) }
+    }
+
+    fn flush(&mut self) -> impl std::future::Future<Output = io::Result<()>> {
+        self.inner.flush()
+    }
+
+    fn shutdown(&mut self) -> impl std::future::Future<Output = io::Result<()>> {
+        self.inner.shutdown()
+    }
+}
+
+impl<S: ClientStream> ClientStream for Metered<S> {
+    async fn read_idle(&mut self, buf: &mut Vec<u8>, max: usize, drain: &crate::drain::Drain) -> io::Result<usize> {
+        let r = self.inner.read_idle(buf, max, drain).await;
+        if let Ok(n) = r {
+            self.read += n as u64;
+        }
+        r
+    }
+
+    async fn send_file(&mut self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<()> {
+        let r = self.inner.send_file(file, offset, len).await;
+        if r.is_ok() {
+            self.written += len;
+        }
+        r
+    }
 }
 
 /// A client connection: plain TCP or TLS.

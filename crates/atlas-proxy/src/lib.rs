@@ -23,8 +23,13 @@ pub mod upstream;
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use atlas_config::{HashKey, Limits, Mode, Timeouts};
+use atlas_observe::access_log::AccessLog;
+use atlas_observe::metrics::ListenerStats;
+use atlas_observe::skim::Tap;
+use atlas_observe::PerWorker;
 
 pub use error::{ProxyError, Side};
 pub use upstream::Upstreams;
@@ -33,6 +38,22 @@ pub use upstream::Upstreams;
 pub enum Target {
     Upstreams(Upstreams),
     Static(static_files::StaticSite),
+}
+
+/// A `[[routes]]` entry as a worker uses it.
+pub struct Route {
+    pub prefix: String,
+    pub target: Target,
+    /// Requests on this route are skimmed.
+    pub skim: bool,
+}
+
+/// A listener's traffic tap.
+pub struct Skim {
+    pub tap: Arc<Tap>,
+    /// Every request is sampled (else only those of skimming routes).
+    pub all: bool,
+    pub payload_bytes: usize,
 }
 
 /// Everything a connection handler needs, built per worker and listener.
@@ -46,8 +67,8 @@ pub struct ListenerCtx {
     pub tls: Option<monoio_rustls::TlsAcceptor>,
     /// Where requests go when no route matches (`None`: nowhere, 503).
     pub default: Option<Target>,
-    /// `[[routes]]`: path prefix and target, longest prefix first.
-    pub routes: Vec<(String, Target)>,
+    /// `[[routes]]`, longest prefix first.
+    pub routes: Vec<Route>,
     /// Set when a strategy is `hash`.
     pub hash_key: Option<HashKey>,
     pub pool: Rc<pool::ConnPool>,
@@ -55,6 +76,10 @@ pub struct ListenerCtx {
     pub limits: Limits,
     /// This listener's open connections (all workers) and their limit.
     pub conns: limits::ListenerConns,
+    /// The listener's figures, one slot per worker (kept across reloads).
+    pub stats: Arc<PerWorker<ListenerStats>>,
+    pub access_log: Option<AccessLog>,
+    pub skim: Option<Skim>,
     /// Set by a reload: the context that replaces this one. Connections
     /// follow it at their next request; in-flight requests finish on the
     /// context they started with.
@@ -74,9 +99,20 @@ impl ListenerCtx {
         }
     }
 
-    /// The target for a request path: the longest matching route, else the default.
-    pub fn route(&self, path: &[u8]) -> Option<&Target> {
-        self.routes.iter().find(|(p, _)| path.starts_with(p.as_bytes())).map(|(_, t)| t).or(self.default.as_ref())
+    /// The target for a request path (the longest matching route, else the
+    /// default) and whether the request is skimmed.
+    pub fn route(&self, path: &[u8]) -> Option<(&Target, bool)> {
+        let all = self.skim.as_ref().is_some_and(|s| s.all);
+        match self.routes.iter().find(|r| path.starts_with(r.prefix.as_bytes())) {
+            Some(r) => Some((&r.target, all || r.skim)),
+            None => self.default.as_ref().map(|t| (t, all)),
+        }
+    }
+
+    /// This worker's slot of the listener's figures.
+    #[inline]
+    pub fn stats(&self) -> &ListenerStats {
+        self.stats.slot(self.worker)
     }
 
     /// The listener's own upstreams (TCP mode), if any.

@@ -20,6 +20,7 @@ use monoio::net::TcpStream;
 use crate::io::{pipe_both, shutdown_fd};
 use crate::upstream::{self, InflightGuard, UpstreamConn};
 use crate::ListenerCtx;
+use atlas_observe::skim;
 
 const SPLICE_CHUNK: u32 = 64 * 1024;
 
@@ -31,9 +32,9 @@ fn client_hash(ctx: &ListenerCtx, peer: SocketAddr) -> u64 {
     }
 }
 
-async fn splice_half<R: AsReadFd, W: AsWriteFd + AsyncWriteRent>(from: &mut R, to: &mut W, idle: Duration) -> io::Result<u64> {
+/// `total` counts the bytes delivered (also when it fails).
+async fn splice_half<R: AsReadFd, W: AsWriteFd + AsyncWriteRent>(from: &mut R, to: &mut W, idle: Duration, total: &mut u64) -> io::Result<()> {
     let (mut pr, mut pw) = monoio::net::unix::new_pipe()?;
-    let mut total = 0u64;
     loop {
         let n = match monoio::time::timeout(idle, from.splice_to_pipe(&mut pw, SPLICE_CHUNK)).await {
             Ok(r) => r?,
@@ -41,7 +42,7 @@ async fn splice_half<R: AsReadFd, W: AsWriteFd + AsyncWriteRent>(from: &mut R, t
         };
         if n == 0 {
             let _ = to.shutdown().await;
-            return Ok(total);
+            return Ok(());
         }
         let mut left = n;
         while left > 0 {
@@ -50,8 +51,53 @@ async fn splice_half<R: AsReadFd, W: AsWriteFd + AsyncWriteRent>(from: &mut R, t
                 return Err(io::Error::new(io::ErrorKind::WriteZero, "peer stopped reading"));
             }
             left -= w;
+            *total += w as u64;
         }
-        total += n as u64;
+    }
+}
+
+/// Counts a finished TCP connection and writes its log line and skim sample.
+fn finish(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::Instant, upstream: &str, bytes_in: u64, bytes_out: u64) {
+    let st = ctx.stats();
+    st.bytes_in.add(bytes_in);
+    st.bytes_out.add(bytes_out);
+    let us = started.elapsed().as_micros() as u64;
+    if let Some(log) = &ctx.access_log {
+        log.write(&atlas_observe::access_log::Record {
+            time: std::time::SystemTime::now(),
+            listener: &ctx.name,
+            client: peer.ip(),
+            method: "",
+            target: "",
+            protocol: "TCP",
+            status: 0,
+            bytes_in,
+            bytes_out,
+            duration_us: us,
+            upstream,
+            referer: "",
+            user_agent: "",
+        });
+    }
+    if let Some(s) = ctx.skim.as_ref().filter(|s| s.all) {
+        s.tap.push(
+            ctx.worker,
+            skim::Sample {
+                at_ms: atlas_observe::now_ms(),
+                worker: ctx.worker as u16,
+                kind: skim::Kind::Tcp,
+                client: peer,
+                method: "".into(),
+                target: "".into(),
+                status: 0,
+                upstream: upstream.into(),
+                bytes_in,
+                bytes_out,
+                duration_us: us,
+                request_payload: None,
+                response_payload: None,
+            },
+        );
     }
 }
 
@@ -73,10 +119,15 @@ async fn connect_for(ctx: &ListenerCtx, up: &upstream::Upstreams, peer: SocketAd
 /// Serves one TCP-mode connection on a plain socket (splice).
 pub async fn serve_plain(ctx: Rc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
     let _live = crate::drain::Drain::current().connection();
+    let started = std::time::Instant::now();
     let client_fd = client.as_raw_fd();
     let Some(up) = ctx.upstreams() else { return };
     let group = &*up.group;
-    let Some(c) = connect_for(&ctx, up, peer).await else { return };
+    let Some(c) = connect_for(&ctx, up, peer).await else {
+        finish(&ctx, peer, started, "-", 0, 0);
+        return;
+    };
+    let name = group.names[c.idx].as_str();
     let _inflight = InflightGuard::new(group, ctx.worker, c.idx);
     let up_fd = c.conn.raw_fd();
     let idle = ctx.timeouts.tcp_idle;
@@ -84,7 +135,8 @@ pub async fn serve_plain(ctx: Rc<ListenerCtx>, client: TcpStream, peer: SocketAd
         UpstreamConn::Plain(s) => s,
         tls => {
             // TLS to the upstream: bytes must go through rustls, no splice.
-            pipe_both(client, tls, [client_fd, up_fd], idle).await;
+            let (sent, received) = pipe_both(client, tls, [client_fd, up_fd], idle).await;
+            finish(&ctx, peer, started, name, sent, received);
             return;
         }
     };
@@ -96,16 +148,21 @@ pub async fn serve_plain(ctx: Rc<ListenerCtx>, client: TcpStream, peer: SocketAd
         shutdown_fd(up_fd);
     };
     let a = async {
-        if let Err(e) = splice_half(&mut cr, &mut uw, idle).await {
+        let mut n = 0;
+        if let Err(e) = splice_half(&mut cr, &mut uw, idle, &mut n).await {
             fail(e);
         }
+        n
     };
     let b = async {
-        if let Err(e) = splice_half(&mut ur, &mut cw, idle).await {
+        let mut n = 0;
+        if let Err(e) = splice_half(&mut ur, &mut cw, idle, &mut n).await {
             fail(e);
         }
+        n
     };
-    monoio::join!(a, b);
+    let (sent, received) = monoio::join!(a, b);
+    finish(&ctx, peer, started, name, sent, received);
 }
 
 /// Serves one TCP-mode connection over any stream (e.g. TLS), copying.
@@ -114,10 +171,15 @@ where
     S: AsyncReadRent + AsyncWriteRent + Split + 'static,
 {
     let _live = crate::drain::Drain::current().connection();
+    let started = std::time::Instant::now();
     let Some(up) = ctx.upstreams() else { return };
     let group = &*up.group;
-    let Some(c) = connect_for(&ctx, up, peer).await else { return };
+    let Some(c) = connect_for(&ctx, up, peer).await else {
+        finish(&ctx, peer, started, "-", 0, 0);
+        return;
+    };
     let _inflight = InflightGuard::new(group, ctx.worker, c.idx);
     let up_fd = c.conn.raw_fd();
-    pipe_both(client, c.conn, [client_fd, up_fd], ctx.timeouts.tcp_idle).await;
+    let (sent, received) = pipe_both(client, c.conn, [client_fd, up_fd], ctx.timeouts.tcp_idle).await;
+    finish(&ctx, peer, started, &group.names[c.idx], sent, received);
 }

@@ -11,6 +11,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use atlas_balance::{GroupShared, Picker};
+use atlas_observe::metrics::{class_index, UpstreamStats};
+use atlas_observe::PerWorker;
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
 use monoio::net::TcpStream;
@@ -104,6 +106,8 @@ pub struct Upstreams {
     /// Per upstream (same order as the group): TLS settings, if any.
     pub tls: Arc<Vec<Option<ClientTls>>>,
     pub passive: RefCell<Passive>,
+    /// Per upstream (same order): its figures as this listener sees them.
+    pub stats: Vec<Arc<PerWorker<UpstreamStats>>>,
 }
 
 /// Passive health (outlier detection), per worker: `max_fails`
@@ -160,7 +164,32 @@ impl Upstreams {
     /// Records the outcome of a request to upstream `idx` (passive health).
     pub fn record(&self, idx: usize, ok: bool) {
         if self.passive.borrow_mut().record(idx, ok) {
-            tracing::warn!(upstream = %self.group.names[idx], addr = %self.group.addrs[idx], "upstream ejected after consecutive failures (passive health check)");
+            let (name, addr) = (&self.group.names[idx], self.group.addrs[idx]);
+            tracing::warn!(upstream = %name, %addr, "upstream ejected after consecutive failures (passive health check)");
+            atlas_observe::events::record("warn", "upstream", format!("{name} ({addr}) ejected after consecutive failures (passive check)"));
+        }
+    }
+
+    /// Worker `w`'s figures for upstream `idx`.
+    #[inline]
+    pub fn stats(&self, idx: usize, w: usize) -> Option<&UpstreamStats> {
+        self.stats.get(idx).map(|s| s.slot(w))
+    }
+
+    /// An attempt on `idx` got no valid response.
+    pub fn failed(&self, idx: usize, w: usize) {
+        self.record(idx, false);
+        if let Some(s) = self.stats(idx, w) {
+            s.errors.inc();
+        }
+    }
+
+    /// `idx` answered with `status` after `head_us` microseconds.
+    pub fn responded(&self, idx: usize, w: usize, status: u16, head_us: u64) {
+        self.record(idx, status < 500);
+        if let Some(s) = self.stats(idx, w) {
+            s.responses[class_index(status)].inc();
+            s.latency.observe_us(head_us);
         }
     }
 }
@@ -246,16 +275,26 @@ pub async fn connect(ctx: &ListenerCtx, up: &Upstreams, hash: u64, excluded: &mu
         };
         let addr = group.addrs[idx];
         let tls = up.tls.get(idx).and_then(Option::as_ref);
+        let stats = up.stats(idx, ctx.worker);
         if use_pool {
             if let Some(conn) = ctx.pool.take(addr, tls.is_some()) {
+                if let Some(s) = stats {
+                    s.pool_hits.inc();
+                }
                 return Ok(Connected { idx, addr, tls: tls.is_some(), conn, reused: true });
+            }
+            if let Some(s) = stats {
+                s.pool_misses.inc();
             }
         }
         match dial(ctx, addr, tls).await {
             Ok(conn) => return Ok(Connected { idx, addr, tls: tls.is_some(), conn, reused: false }),
             Err(e) => {
-                crate::log_limited(|| tracing::warn!(upstream = %group.names[idx], %addr, error = %e, "upstream connect failed"));
-                up.record(idx, false);
+                crate::log_limited(|| {
+                    tracing::warn!(upstream = %group.names[idx], %addr, error = %e, "upstream connect failed");
+                    atlas_observe::events::record("error", "upstream", format!("{} ({addr}): {e}", group.names[idx]));
+                });
+                up.failed(idx, ctx.worker);
                 last = e;
             }
         }

@@ -81,6 +81,7 @@ pub fn reload(current: &Current, path: &Path) -> ReloadOutcome {
                 tracing::error!("config: {e}");
             }
             tracing::error!(errors = errors.0.len(), "config: reload rejected; the running configuration is unchanged");
+            rejected(errors.0.first().map(|e| e.to_string()).unwrap_or_default());
             return ReloadOutcome::Rejected(errors.0.len());
         }
     };
@@ -96,6 +97,7 @@ pub fn reload(current: &Current, path: &Path) -> ReloadOutcome {
                 tracing::error!("config: {e}");
             }
             tracing::error!(errors = errors.len(), "config: reload rejected; the running configuration is unchanged");
+            rejected(errors.first().cloned().unwrap_or_default());
             return ReloadOutcome::Rejected(errors.len());
         }
     };
@@ -105,7 +107,14 @@ pub fn reload(current: &Current, path: &Path) -> ReloadOutcome {
     let version = VERSION.fetch_add(1, Ordering::SeqCst) + 1;
     current.store(Arc::new(Generation { version, cfg: Arc::new(new), shared: Arc::new(shared) }));
     tracing::info!(version, file = %path.display(), "configuration reloaded");
+    atlas_observe::metrics::registry().reloads_ok.fetch_add(1, Ordering::Relaxed);
+    atlas_observe::events::record("info", "reload", format!("configuration version {version} applied from {}", path.display()));
     ReloadOutcome::Applied { version, needs_restart }
+}
+
+fn rejected(first_error: String) {
+    atlas_observe::metrics::registry().reloads_failed.fetch_add(1, Ordering::Relaxed);
+    atlas_observe::events::record("error", "reload", format!("reload rejected: {first_error}"));
 }
 
 /// The first generation.

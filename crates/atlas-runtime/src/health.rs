@@ -121,6 +121,7 @@ async fn run(current: Current) {
                     s.fail = 0;
                     if s.ok >= h.rise && t.state.set_healthy(true) {
                         tracing::info!(upstream = %t.name, addr = %t.addr, "upstream UP after {} good checks", s.ok);
+                        atlas_observe::events::record("info", "health", format!("{} ({}) UP after {} good checks", t.name, t.addr, s.ok));
                     }
                 }
                 Err(why) => {
@@ -128,6 +129,7 @@ async fn run(current: Current) {
                     s.ok = 0;
                     if s.fail >= h.fall && t.state.set_healthy(false) {
                         tracing::warn!(upstream = %t.name, addr = %t.addr, reason = %why, "upstream DOWN after {} failed checks", s.fail);
+                        atlas_observe::events::record("error", "health", format!("{} ({}) DOWN after {} failed checks: {why}", t.name, t.addr, s.fail));
                     }
                 }
             }

@@ -2,12 +2,14 @@
 //! upstream groups (with their in-flight tables), TLS server configs per
 //! listener and TLS client configs per upstream. Building it is also what
 //! `--check` runs beyond parsing, so a certificate that does not match its
-//! key is caught before anything listens.
+//! key (or an access log that cannot be opened) is caught before anything
+//! listens.
 
 use std::sync::Arc;
 
 use atlas_balance::GroupShared;
-use atlas_config::{Config, Mode};
+use atlas_config::{AccessLogFormat, Config, Mode};
+use atlas_observe::access_log::{AccessLog, Format};
 use atlas_proxy::tls::{ClientTls, ServerTls};
 
 pub struct Shared {
@@ -16,6 +18,8 @@ pub struct Shared {
     pub group_tls: Vec<Arc<Vec<Option<ClientTls>>>>,
     /// Per listener: TLS termination.
     pub server_tls: Vec<Option<Arc<ServerTls>>>,
+    /// Per listener: its access log, opened.
+    pub access_logs: Vec<Option<AccessLog>>,
 }
 
 impl Shared {
@@ -58,8 +62,20 @@ impl Shared {
                 })
             })
             .collect();
+        let access_logs = cfg
+            .listeners
+            .iter()
+            .map(|l| {
+                let a = l.access_log.as_ref()?;
+                let format = match a.format {
+                    AccessLogFormat::Combined => Format::Combined,
+                    AccessLogFormat::Json => Format::Json,
+                };
+                AccessLog::open(a.path.as_deref(), format).map_err(|e| errors.push(format!("listener `{}`: {e}", l.name))).ok()
+            })
+            .collect();
         if errors.is_empty() {
-            Ok(Shared { groups, group_tls, server_tls })
+            Ok(Shared { groups, group_tls, server_tls, access_logs })
         } else {
             Err(errors)
         }

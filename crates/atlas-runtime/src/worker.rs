@@ -25,7 +25,9 @@ use atlas_proxy::pool::ConnPool;
 use atlas_proxy::static_files::fs::{FileCache, Root};
 use atlas_proxy::static_files::StaticSite;
 use atlas_proxy::upstream::Passive;
-use atlas_proxy::{ListenerCtx, Target, Upstreams};
+use atlas_observe::metrics::{self, ListenerStats, Reject, UpstreamKey};
+use atlas_observe::PerWorker;
+use atlas_proxy::{ListenerCtx, Skim, Target, Upstreams};
 use monoio::io::Canceller;
 use monoio::net::{TcpListener, TcpStream};
 use monoio_rustls::TlsAcceptor;
@@ -94,13 +96,19 @@ struct CtxBuilder<'a> {
 }
 
 impl CtxBuilder<'_> {
-    fn upstreams(&mut self, group: usize, strategy: Strategy) -> Target {
+    fn upstreams(&mut self, listener: &str, group: usize, strategy: Strategy) -> Target {
         self.seeds += 1;
         let g = self.shared.groups[group].clone();
         let picker = RefCell::new(Picker::new(strategy, &g, (self.w as u64) << 32 | self.seeds));
         let h = &self.cfg.health;
         let passive = RefCell::new(Passive::new(g.len(), h.max_fails, h.fail_timeout));
-        Target::Upstreams(Upstreams { group: g, picker, tls: self.shared.group_tls[group].clone(), passive })
+        let registry = metrics::registry();
+        let stats = g
+            .names
+            .iter()
+            .map(|n| registry.upstream(UpstreamKey { listener: listener.to_string(), group: g.name.clone(), upstream: n.clone() }))
+            .collect();
+        Target::Upstreams(Upstreams { group: g, picker, tls: self.shared.group_tls[group].clone(), passive, stats })
     }
 
     fn site(&mut self, root: &Path, strip_prefix: Option<String>) -> Option<Target> {
@@ -119,18 +127,18 @@ impl CtxBuilder<'_> {
     fn ctx(&mut self, li: usize) -> ListenerCtx {
         let l: &Listener = &self.cfg.listeners[li];
         let default = match l.mode {
-            Mode::Http | Mode::Tcp => l.group.map(|g| self.upstreams(g, l.strategy)),
+            Mode::Http | Mode::Tcp => l.group.map(|g| self.upstreams(&l.name, g, l.strategy)),
             Mode::Static => l.static_root.as_deref().and_then(|r| self.site(r, None)),
             Mode::Game | Mode::Firehose => None,
         };
         let mut routes = Vec::new();
         for r in &l.routes {
             let t = match &r.target {
-                RouteTarget::Group(g) => Some(self.upstreams(*g, l.strategy)),
+                RouteTarget::Group(g) => Some(self.upstreams(&l.name, *g, l.strategy)),
                 RouteTarget::Static { root, strip_prefix } => self.site(root, strip_prefix.then(|| r.prefix.clone())),
             };
-            if let Some(t) = t {
-                routes.push((r.prefix.clone(), t));
+            if let Some(target) = t {
+                routes.push(atlas_proxy::Route { prefix: r.prefix.clone(), target, skim: r.skim });
             }
         }
         ListenerCtx {
@@ -146,6 +154,9 @@ impl CtxBuilder<'_> {
             timeouts: self.cfg.timeouts,
             limits: self.cfg.limits,
             conns: ListenerConns { count: listener_counter(&l.name), max: l.max_connections },
+            stats: metrics::registry().listener(&l.name),
+            access_log: self.shared.access_logs.get(li).cloned().flatten(),
+            skim: l.skim.enabled().then(|| Skim { tap: atlas_observe::skim::tap(&l.name), all: l.skim.all, payload_bytes: l.skim.payload_bytes }),
             next: RefCell::new(None),
         }
     }
@@ -194,6 +205,7 @@ async fn worker_main(w: usize, current: Current, sockets: Vec<(usize, StdListene
             version = gen.version;
             apply(w, &gen, &mut ctxs, &pool, &cache);
         }
+        atlas_observe::access_log::flush_thread();
         if last_sweep.elapsed() >= Duration::from_secs(1) {
             pool.sweep();
             atlas_proxy::limits::sweep(&current.load().cfg.limits);
@@ -202,6 +214,7 @@ async fn worker_main(w: usize, current: Current, sockets: Vec<(usize, StdListene
     }
     // Accept loops have stopped; wait for the last connection to finish.
     drain.idle().await;
+    atlas_observe::access_log::flush_thread();
     tracing::debug!(worker = w, "worker drained");
 }
 
@@ -220,7 +233,29 @@ fn apply(w: usize, gen: &Generation, ctxs: &mut [Rc<ListenerCtx>], pool: &Rc<Con
     }
 }
 
+/// Counts a client connection as active on its listener while it lives.
+struct ActiveConn {
+    stats: Arc<PerWorker<ListenerStats>>,
+    w: usize,
+}
+
+impl ActiveConn {
+    fn new(stats: Arc<PerWorker<ListenerStats>>, w: usize) -> Self {
+        let s = stats.slot(w);
+        s.connections_total.inc();
+        s.connections_active.add(1);
+        ActiveConn { stats, w }
+    }
+}
+
+impl Drop for ActiveConn {
+    fn drop(&mut self) {
+        self.stats.slot(self.w).connections_active.add(-1);
+    }
+}
+
 async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
+    let w = ctx.worker;
     let drain = Drain::current();
     // The loop counts as live until it has seen its canceled accept
     // complete: an accept that raced the cancel still yields a connection,
@@ -251,18 +286,21 @@ async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
         // Limits: past them the connection is accepted and closed at once.
         let limits = &ctx.limits;
         if limits.max_connections > 0 && drain.live() >= limits.max_connections {
+            ctx.stats().reject(Reject::ConnectionLimit);
             atlas_proxy::log_limited(
                 || tracing::warn!(listener = %ctx.name, limit = limits.max_connections, "worker connection limit reached; closing new connections"),
             );
             continue;
         }
         let Some(listener_slot) = ctx.conns.admit() else {
+            ctx.stats().reject(Reject::ConnectionLimit);
             atlas_proxy::log_limited(
                 || tracing::warn!(listener = %ctx.name, limit = ctx.conns.max, "listener connection limit reached; closing new connections"),
             );
             continue;
         };
         let Some(ip_slot) = atlas_proxy::limits::admit_connection(peer.ip(), limits) else {
+            ctx.stats().reject(Reject::ConnectionLimit);
             atlas_proxy::log_limited(|| tracing::warn!(listener = %ctx.name, %peer, "per-IP connection limit reached; closing"));
             continue;
         };
@@ -270,8 +308,10 @@ async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
         let ctx = ctx.clone();
         // Live from the accept on, not from when the task first runs.
         let hold = drain.hold();
+        let stats = ctx.stats.clone();
+        let conn_gauge = ActiveConn::new(stats, w);
         monoio::spawn(async move {
-            let _slots = (listener_slot, ip_slot, hold);
+            let _slots = (listener_slot, ip_slot, hold, conn_gauge);
             match (&ctx.tls, ctx.mode) {
                 (None, Mode::Http | Mode::Static) => {
                     let fd = stream.as_raw_fd();
@@ -297,10 +337,12 @@ async fn serve_tls(ctx: Rc<ListenerCtx>, acceptor: TlsAcceptor, stream: TcpStrea
     let tls = match monoio::time::timeout(ctx.timeouts.client_header, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
+            ctx.stats().reject(Reject::TlsHandshake);
             tracing::debug!(%peer, error = %e, "client: TLS handshake failed");
             return;
         }
         Err(_) => {
+            ctx.stats().reject(Reject::TlsHandshake);
             tracing::debug!(%peer, "client: TLS handshake timed out");
             return;
         }

@@ -156,7 +156,7 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
     // Block the signals before any thread exists so every thread inherits
     // the mask and only this thread receives them (sigtimedwait below).
     let mut signals = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGHUP] {
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGHUP, Signal::SIGUSR1] {
         signals.add(s);
     }
     signals.thread_block().map_err(|e| format!("internal: cannot block signals: {e}"))?;
@@ -201,6 +201,7 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
         tracing::info!(name = %l.name, addr = %b.addr, mode = l.mode.as_str(), "listening");
     }
     let api_addr = cfg.api.as_ref().map(|a| a.addr);
+    atlas_observe::metrics::init(cfg.workers);
     let current = atlas_runtime::control::first_generation(cfg, shared);
     let admin = Arc::new(atlas_admin::AdminState {
         current: current.clone(),
@@ -258,6 +259,10 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
                 tracing::info!("SIGHUP: reloading the configuration");
                 reload();
             }
+            Some(Signal::SIGUSR1) => {
+                tracing::info!("SIGUSR1: reopening access logs");
+                atlas_observe::access_log::reopen();
+            }
             Some(sig) if draining.is_some() => {
                 tracing::warn!(signal = ?sig, "second signal while draining: exiting now");
                 return Ok(ExitCode::from(1));
@@ -286,10 +291,12 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
         if let Some(since) = draining {
             if workers.handles.iter().all(|h| h.is_finished()) {
                 tracing::info!(took = ?since.elapsed(), "drained; exiting");
+                atlas_observe::access_log::wait_written(Duration::from_secs(2));
                 return Ok(ExitCode::SUCCESS);
             }
             if since.elapsed() >= current.load().cfg.drain_timeout {
                 tracing::warn!("drain timeout reached: exiting with connections still open");
+                atlas_observe::access_log::wait_written(Duration::from_secs(2));
                 return Ok(ExitCode::SUCCESS);
             }
         }

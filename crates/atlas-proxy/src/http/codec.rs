@@ -27,8 +27,11 @@ pub enum BodyKind {
 /// Why a request head was refused; maps to a status code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadError {
-    /// Malformed or ambiguous: 400.
+    /// Malformed: 400.
     Bad(&'static str),
+    /// Ambiguous message framing, the stuff of request smuggling
+    /// (conflicting lengths, CL with TE, TE in HTTP/1.0): 400.
+    Framing(&'static str),
     /// Too many headers or too large: 431.
     TooLarge,
     /// A transfer coding we do not implement: 501.
@@ -38,14 +41,26 @@ pub enum HeadError {
 impl HeadError {
     pub fn status(self) -> u16 {
         match self {
-            HeadError::Bad(_) => 400,
+            HeadError::Bad(_) | HeadError::Framing(_) => 400,
             HeadError::TooLarge => 431,
             HeadError::NotImplemented(_) => 501,
         }
     }
+    /// How the refusal is counted (`atlas_rejected_total{reason}`). An
+    /// unsupported transfer coding counts as smuggling: obfuscated
+    /// `Transfer-Encoding` values are the classic vector.
+    pub fn reject(self) -> atlas_observe::metrics::Reject {
+        use atlas_observe::metrics::Reject;
+        match self {
+            HeadError::Bad(_) => Reject::Malformed,
+            HeadError::Framing(_) | HeadError::NotImplemented(_) => Reject::Smuggling,
+            HeadError::TooLarge => Reject::HeaderTooLarge,
+        }
+    }
+
     pub fn reason(self) -> &'static str {
         match self {
-            HeadError::Bad(r) | HeadError::NotImplemented(r) => r,
+            HeadError::Bad(r) | HeadError::Framing(r) | HeadError::NotImplemented(r) => r,
             HeadError::TooLarge => "request header fields too large",
         }
     }
@@ -254,7 +269,7 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> R
         let n = h.name;
         if n.eq_ignore_ascii_case("content-length") {
             if !framing.content_length(h.value) {
-                return Err(HeadError::Bad("invalid Content-Length"));
+                return Err(HeadError::Framing("invalid Content-Length"));
             }
         } else if n.eq_ignore_ascii_case("transfer-encoding") {
             framing.transfer_encoding(h.value);
@@ -267,17 +282,17 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> R
         }
     }
     if framing.cl_conflict {
-        return Err(HeadError::Bad("conflicting Content-Length headers"));
+        return Err(HeadError::Framing("conflicting Content-Length headers"));
     }
     if hosts > 1 || (http11 && hosts == 0 && authority.is_none()) {
         return Err(HeadError::Bad("missing or duplicate Host"));
     }
     let body = if framing.te_seen {
         if framing.content_length.is_some() {
-            return Err(HeadError::Bad("both Content-Length and Transfer-Encoding"));
+            return Err(HeadError::Framing("both Content-Length and Transfer-Encoding"));
         }
         if !http11 {
-            return Err(HeadError::Bad("Transfer-Encoding in an HTTP/1.0 request"));
+            return Err(HeadError::Framing("Transfer-Encoding in an HTTP/1.0 request"));
         }
         if !framing.te_chunked_final || framing.te_other {
             return Err(HeadError::NotImplemented("only Transfer-Encoding: chunked is supported"));
@@ -563,6 +578,13 @@ pub fn with_http_date<R>(f: impl FnOnce(&str) -> R) -> R {
         }
         f(&d.1)
     })
+}
+
+/// The status code of the response head at the start of `out`
+/// (`HTTP/1.x NNN ...`), if there is one.
+pub fn head_status(out: &[u8]) -> Option<u16> {
+    let code = out.strip_prefix(b"HTTP/1.")?.get(2..5)?;
+    std::str::from_utf8(code).ok()?.parse().ok()
 }
 
 pub fn status_reason(status: u16) -> &'static str {

@@ -292,3 +292,12 @@ fn mutated_heads_and_chunks_never_panic() {
         }
     }
 }
+
+#[test]
+fn status_of_a_sent_head() {
+    assert_eq!(head_status(b"HTTP/1.1 304 Not Modified\r\n\r\n"), Some(304));
+    assert_eq!(head_status(b"HTTP/1.0 200 OK\r\n"), Some(200));
+    assert_eq!(head_status(b"HTTP/1.1 20"), None);
+    assert_eq!(head_status(b""), None);
+    assert_eq!(head_status(b"garbage here"), None);
+}

@@ -22,10 +22,12 @@ use super::chunked::ChunkedScanner;
 use super::codec::{self, BodyKind, HeadError, RequestInfo, ResponseCtx, RewriteCtx};
 use crate::drain::Drain;
 use crate::error::{ProxyError, Side};
-use crate::io::{give_buf, pipe_both, read_more, take_buf, write_range, write_vec, ClientStream, BUF_SIZE};
+use crate::io::{give_buf, pipe_both, read_more, take_buf, write_range, write_vec, ClientStream, Metered, BUF_SIZE};
 use crate::static_files::{self, StaticSite};
-use crate::upstream::{self, InflightGuard, UpstreamConn};
+use crate::upstream::{self, InflightGuard, UpstreamConn, Upstreams};
 use crate::{ListenerCtx, Target};
+use atlas_observe::metrics::{class_index, Reject};
+use atlas_observe::skim;
 
 /// How long an idle keep-alive connection may still send one request after
 /// a drain starts (it then gets `Connection: close`).
@@ -49,12 +51,129 @@ enum Step {
     Upgrade(UpstreamConn),
 }
 
+/// What one exchange did, for the metrics, the access log and the skim.
+#[derive(Default)]
+struct Outcome<'c> {
+    /// A request arrived (a connection closing between requests has none).
+    request: bool,
+    /// The status sent to the client; 499 (as nginx logs it) when the
+    /// client went away before a response.
+    status: u16,
+    reject: Option<Reject>,
+    retries: u32,
+    upstream: Option<(&'c Upstreams, usize)>,
+    /// Captured only when the access log or the skim wants them.
+    details: Option<Box<Details>>,
+}
+
+/// The parts of a request the access log and the skim show.
+struct Details {
+    method: String,
+    target: String,
+    protocol: &'static str,
+    referer: String,
+    user_agent: String,
+    /// The request is sampled by the skim.
+    skim: bool,
+    request_payload: Option<Box<[u8]>>,
+    response_payload: Option<Box<[u8]>>,
+}
+
+impl Details {
+    /// Reads them from a request head that was already validated.
+    fn capture(head: &[u8], body: &[u8], skim: bool, payload_bytes: usize) -> Box<Details> {
+        let mut h = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut h);
+        let _ = req.parse(head);
+        let header = |name: &str| {
+            req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| String::from_utf8_lossy(h.value).into_owned()).unwrap_or_default()
+        };
+        Box::new(Details {
+            method: req.method.unwrap_or("").to_string(),
+            target: req.path.unwrap_or("").to_string(),
+            protocol: if req.version == Some(0) { "HTTP/1.0" } else { "HTTP/1.1" },
+            referer: header("referer"),
+            user_agent: header("user-agent"),
+            skim,
+            request_payload: if skim { skim::payload(body, payload_bytes) } else { None },
+            response_payload: None,
+        })
+    }
+}
+
+/// Counts an exchange in the listener's figures and writes its access log
+/// line and skim sample.
+fn record<S>(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::Instant, client: &mut Metered<S>, o: &Outcome) {
+    let (bytes_in, bytes_out) = client.take_counts();
+    let st = ctx.stats();
+    st.bytes_in.add(bytes_in);
+    st.bytes_out.add(bytes_out);
+    if let Some(r) = o.reject {
+        st.reject(r);
+    }
+    if o.retries > 0 {
+        st.retries.add(o.retries as u64);
+    }
+    if !o.request {
+        return;
+    }
+    let us = started.elapsed().as_micros() as u64;
+    st.requests[class_index(o.status)].inc();
+    st.latency.observe_us(us);
+    let skimmed = o.details.as_ref().is_some_and(|d| d.skim);
+    if ctx.access_log.is_none() && !skimmed {
+        return;
+    }
+    let upstream = o.upstream.map(|(u, i)| u.group.names[i].as_str()).unwrap_or("-");
+    let d = o.details.as_deref();
+    if let Some(log) = &ctx.access_log {
+        log.write(&atlas_observe::access_log::Record {
+            time: std::time::SystemTime::now(),
+            listener: &ctx.name,
+            client: peer.ip(),
+            method: d.map_or("", |d| &d.method),
+            target: d.map_or("", |d| &d.target),
+            protocol: d.map_or("", |d| d.protocol),
+            status: o.status,
+            bytes_in,
+            bytes_out,
+            duration_us: us,
+            upstream,
+            referer: d.map_or("", |d| &d.referer),
+            user_agent: d.map_or("", |d| &d.user_agent),
+        });
+    }
+    if let (Some(tap), Some(d)) = (&ctx.skim, d) {
+        if d.skim {
+            tap.tap.push(
+                ctx.worker,
+                skim::Sample {
+                    at_ms: atlas_observe::now_ms(),
+                    worker: ctx.worker as u16,
+                    kind: skim::Kind::Http,
+                    client: peer,
+                    method: d.method.as_str().into(),
+                    target: d.target.as_str().into(),
+                    status: o.status,
+                    upstream: upstream.into(),
+                    bytes_in,
+                    bytes_out,
+                    duration_us: us,
+                    request_payload: d.request_payload.clone(),
+                    response_payload: d.response_payload.clone(),
+                },
+            );
+        }
+    }
+}
+
 /// Serves one client connection until it closes. `client_fd` is the
 /// underlying socket, used to wake a tunnel when its other half fails.
-pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, mut client: S, peer: SocketAddr, client_fd: RawFd) {
+pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, client: S, peer: SocketAddr, client_fd: RawFd) {
     let drain = Drain::current();
     let _live = drain.connection();
     let mut ctx = ctx;
+    let mut client = Metered::new(client);
     let mut b = Bufs { cbuf: take_buf(), ubuf: Vec::new(), out: Vec::new() };
     loop {
         if b.cbuf.is_empty() {
@@ -88,9 +207,11 @@ pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, mut client: S, peer: S
             b.ubuf = take_buf();
             b.out = take_buf();
         }
+        let started = std::time::Instant::now();
+        let mut o = Outcome::default();
         let step = match ctx.timeouts.request {
-            None => exchange(&ctx, &mut client, peer, &mut b).await,
-            Some(limit) => match timeout(limit, exchange(&ctx, &mut client, peer, &mut b)).await {
+            None => exchange(&ctx, &mut client, peer, &mut b, &mut o).await,
+            Some(limit) => match timeout(limit, exchange(&ctx, &mut client, peer, &mut b, &mut o)).await {
                 Ok(step) => step,
                 Err(_) => {
                     tracing::debug!(%peer, ?limit, "client: request exceeded timeouts.request; closing");
@@ -98,22 +219,29 @@ pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, mut client: S, peer: S
                 }
             },
         };
+        record(&ctx, peer, started, &mut client, &o);
+        drop(o);
         match step {
             Step::KeepAlive => continue,
             Step::Close => break,
             Step::Upgrade(up) => {
-                tunnel(&ctx, client, up, client_fd, b).await;
+                tunnel(&ctx, client.inner, up, client_fd, b).await;
                 return;
             }
         }
     }
+    // Bytes of a connection that ended between requests.
+    let (bytes_in, bytes_out) = client.take_counts();
+    ctx.stats().bytes_in.add(bytes_in);
+    ctx.stats().bytes_out.add(bytes_out);
     give_buf(b.cbuf);
     give_buf(b.ubuf);
     give_buf(b.out);
 }
 
 /// Sends a short response of Atlas' own; `head`: the request was HEAD.
-async fn reply<S: AsyncWriteRent>(client: &mut S, b: &mut Bufs, status: u16, msg: &str, keep_alive: bool, head: bool) -> Step {
+async fn reply<S: AsyncWriteRent>(client: &mut S, b: &mut Bufs, o: &mut Outcome<'_>, status: u16, msg: &str, keep_alive: bool, head: bool) -> Step {
+    o.status = status;
     b.out = codec::simple_response(status, msg, keep_alive, head, "");
     match write_vec(client, &mut b.out).await {
         Ok(()) if keep_alive => Step::KeepAlive,
@@ -125,7 +253,7 @@ enum Head<T> {
     Request(T),
     /// Client went away or stayed idle: close quietly.
     Gone,
-    Refuse(u16, &'static str),
+    Refuse(u16, &'static str, Reject),
 }
 
 /// Reads until `parse` accepts a whole request head (or refuses it). The
@@ -150,34 +278,49 @@ async fn read_head<S: AsyncReadRent, T>(
     loop {
         b.out.clear();
         match parse(&b.cbuf, &mut b.out) {
-            Ok(Some(info)) if head_len(&info) > limits.max_header_bytes => return Head::Refuse(431, "request head too large"),
+            Ok(Some(info)) if head_len(&info) > limits.max_header_bytes => return Head::Refuse(431, "request head too large", Reject::HeaderTooLarge),
             Ok(Some(info)) => return Head::Request(info),
-            Ok(None) if b.cbuf.len() >= limits.max_header_bytes => return Head::Refuse(431, "request head too large"),
+            Ok(None) if b.cbuf.len() >= limits.max_header_bytes => return Head::Refuse(431, "request head too large", Reject::HeaderTooLarge),
             Ok(None) => match timeout_at(deadline, read_more(client, &mut b.cbuf, limits.max_header_bytes + BUF_SIZE)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Head::Gone,
-                Err(_) => return Head::Refuse(408, "request header timeout"),
+                Err(_) => return Head::Refuse(408, "request header timeout", Reject::HeaderTimeout),
             },
-            Err(e) => return Head::Refuse(e.status(), e.reason()),
+            Err(e) => return Head::Refuse(e.status(), e.reason(), e.reject()),
         }
     }
 }
 
 /// One exchange on a listener that only serves static files.
-async fn static_exchange<S: ClientStream>(ctx: &ListenerCtx, site: &StaticSite, client: &mut S, peer: SocketAddr, b: &mut Bufs) -> Step {
+async fn static_exchange<S: ClientStream>(ctx: &ListenerCtx, site: &StaticSite, client: &mut S, peer: SocketAddr, b: &mut Bufs, o: &mut Outcome<'_>) -> Step {
     let max_headers = ctx.limits.max_headers;
     let req = match read_head(ctx, client, b, |buf, _| static_files::parse(buf, max_headers), |r| r.head_len).await {
         Head::Request(r) => r,
         Head::Gone => return Step::Close,
-        Head::Refuse(status, why) => {
+        Head::Refuse(status, why, reject) => {
             tracing::debug!(%peer, status, why, "request refused");
-            return reply(client, b, status, why, false, false).await;
+            o.request = true;
+            o.reject = Some(reject);
+            return reply(client, b, o, status, why, false, false).await;
         }
     };
+    o.request = true;
+    let skim = ctx.skim.as_ref().is_some_and(|s| s.all);
+    if skim || ctx.access_log.is_some() {
+        o.details = Some(Details::capture(&b.cbuf[..req.head_len], &[], skim, 0));
+    }
     b.cbuf.drain(..req.head_len);
-    match static_files::respond(site, client, &req, &mut b.out).await {
-        true => Step::KeepAlive,
-        false => Step::Close,
+    serve_static(site, client, &req, b, o).await
+}
+
+/// Answers from files; the status is read back from the head it sent.
+async fn serve_static<S: ClientStream>(site: &StaticSite, client: &mut S, req: &static_files::StaticReq, b: &mut Bufs, o: &mut Outcome<'_>) -> Step {
+    let keep = static_files::respond(site, client, req, &mut b.out).await;
+    o.status = codec::head_status(&b.out).unwrap_or(499);
+    if keep {
+        Step::KeepAlive
+    } else {
+        Step::Close
     }
 }
 
@@ -284,39 +427,48 @@ async fn more_response_head(up: &mut UpstreamConn, b: &mut Bufs, deadline: Insta
 }
 
 /// One request/response exchange on a client connection.
-async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: SocketAddr, b: &mut Bufs) -> Step {
+async fn exchange<'c, S: ClientStream>(ctx: &'c ListenerCtx, client: &mut S, peer: SocketAddr, b: &mut Bufs, o: &mut Outcome<'c>) -> Step {
     if let (Some(Target::Static(site)), true) = (&ctx.default, ctx.routes.is_empty()) {
-        return static_exchange(ctx, site, client, peer, b).await;
+        return static_exchange(ctx, site, client, peer, b, o).await;
     }
     let rctx = RewriteCtx { client_ip: peer.ip(), proto: ctx.proto, max_headers: ctx.limits.max_headers, hash_key: ctx.hash_key.as_ref() };
     let info = match read_head(ctx, client, b, |buf, out| codec::rewrite_request(buf, out, &rctx), |i| i.head_len).await {
         Head::Request(info) => info,
         Head::Gone => return Step::Close,
-        Head::Refuse(status, why) => {
+        Head::Refuse(status, why, reject) => {
             tracing::debug!(%peer, status, why, "request refused");
-            return reply(client, b, status, why, false, false).await;
+            o.request = true;
+            o.reject = Some(reject);
+            return reply(client, b, o, status, why, false, false).await;
         }
     };
+    o.request = true;
+    o.status = 499;
     let path: &[u8] = if info.target.0 == info.target.1 { b"/" } else { &b.cbuf[info.target.0..info.target.1] };
-    let up = match ctx.route(path) {
-        Some(Target::Upstreams(up)) => up,
-        Some(Target::Static(site)) => {
+    let routed = ctx.route(path);
+    let skim = routed.is_some_and(|r| r.1);
+    if skim || ctx.access_log.is_some() {
+        let payload_bytes = ctx.skim.as_ref().map_or(0, |s| s.payload_bytes);
+        o.details = Some(Details::capture(&b.cbuf[..info.head_len], &b.cbuf[info.head_len..], skim, payload_bytes));
+    }
+    let up = match routed {
+        Some((Target::Upstreams(up), _)) => up,
+        Some((Target::Static(site), _)) => {
             // A static route on a proxying listener: the head was validated
             // by the proxy parser; read what a static answer needs from it.
             let req = match static_files::parse(&b.cbuf[..info.head_len], ctx.limits.max_headers) {
                 Ok(Some(r)) => r,
-                _ => return reply(client, b, 400, "malformed request", false, info.is_head).await,
+                _ => return reply(client, b, o, 400, "malformed request", false, info.is_head).await,
             };
             b.cbuf.drain(..info.head_len);
-            return match static_files::respond(site, client, &req, &mut b.out).await {
-                true => Step::KeepAlive,
-                false => Step::Close,
-            };
+            return serve_static(site, client, &req, b, o).await;
         }
-        None => return reply(client, b, 503, "no route for this path", false, info.is_head).await,
+        None => return reply(client, b, o, 503, "no route for this path", false, info.is_head).await,
     };
     if !crate::limits::admit_request(peer.ip(), &ctx.limits) {
         let keep = info.keep_alive && info.body == BodyKind::None;
+        o.status = 429;
+        o.reject = Some(Reject::RateLimit);
         b.out = codec::simple_response(429, "too many requests from this address", keep, info.is_head, "Retry-After: 1\r\n");
         return match write_vec(client, &mut b.out).await {
             Ok(()) if keep => {
@@ -329,12 +481,16 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
     let max_body = ctx.limits.max_body_bytes;
     if let (BodyKind::Length(n), true) = (info.body, max_body > 0) {
         if n > max_body {
-            return reply(client, b, 413, "request body too large", false, info.is_head).await;
+            o.reject = Some(Reject::BodyTooLarge);
+            return reply(client, b, o, 413, "request body too large", false, info.is_head).await;
         }
     }
     let (left, initial_body) = match take_initial_body(&info, b) {
         Ok(l) => l,
-        Err(why) => return reply(client, b, 400, why, false, info.is_head).await,
+        Err(why) => {
+            o.reject = Some(Reject::Smuggling);
+            return reply(client, b, o, 400, why, false, info.is_head).await;
+        }
     };
     let replayable = matches!(left, BodyLeft::Done);
     if info.expect_continue && !replayable {
@@ -361,10 +517,12 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
                     Side::Config => "no healthy upstream available",
                     _ => "upstream unavailable",
                 };
-                return reply(client, b, e.status(), msg, keep, info.is_head).await;
+                return reply(client, b, o, e.status(), msg, keep, info.is_head).await;
             }
         };
+        o.upstream = Some((up, c.idx));
         let _inflight = InflightGuard::new(group, ctx.worker, c.idx);
+        let sent_at = std::time::Instant::now();
         let sent = match write_vec(&mut c.conn, &mut b.out).await {
             Ok(()) => match left.take() {
                 Some(l) => stream_request_body(ctx, client, &mut c.conn, b, l, initial_body).await,
@@ -378,10 +536,11 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
             Err(e) => Err(e),
         };
         match result {
-            Ok(deadline) => return respond(ctx, client, up, c, b, &info, deadline).await,
+            Ok(deadline) => return respond(ctx, client, up, c, b, &info, deadline, sent_at, o).await,
             Err(e) if e.side == Side::Upstream && e.retry_safe && replayable && c.reused && tries < 3 => {
                 // A pooled connection the upstream had closed: once more, fresh.
                 tracing::debug!(error = %e, "stale pooled connection, retrying on a fresh one");
+                o.retries += 1;
                 use_pool = false;
                 left = Some(BodyLeft::Done);
                 continue;
@@ -389,7 +548,8 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
             Err(e) if e.side == Side::Upstream && e.retry_safe && replayable && info.idempotent && tries < 3 && upstream::retry_budget_take() => {
                 // The upstream failed before answering an idempotent request
                 // we still hold whole: try another upstream (budgeted).
-                up.record(c.idx, false);
+                o.retries += 1;
+                up.failed(c.idx, ctx.worker);
                 tracing::debug!(error = %e, upstream = %group.names[c.idx], "retrying an idempotent request on another upstream");
                 if c.idx < 64 {
                     excluded |= 1 << c.idx;
@@ -398,24 +558,29 @@ async fn exchange<S: ClientStream>(ctx: &ListenerCtx, client: &mut S, peer: Sock
                 continue;
             }
             Err(e) if e.side == Side::Client && e.status() == 413 => {
-                return reply(client, b, 413, "request body too large", false, info.is_head).await;
+                o.reject = Some(Reject::BodyTooLarge);
+                return reply(client, b, o, 413, "request body too large", false, info.is_head).await;
             }
             Err(e) if e.side == Side::Client => {
                 tracing::debug!(%peer, error = %e, "client failed during the request");
                 return Step::Close;
             }
             Err(e) => {
-                up.record(c.idx, false);
-                crate::log_limited(|| tracing::warn!(%peer, upstream = %group.names[c.idx], error = %e, "request failed"));
+                up.failed(c.idx, ctx.worker);
+                crate::log_limited(|| {
+                    tracing::warn!(%peer, upstream = %group.names[c.idx], error = %e, "request failed");
+                    atlas_observe::events::record("error", "upstream", format!("{}: {e}", group.names[c.idx]));
+                });
                 let keep = info.keep_alive && replayable;
                 let msg = if e.status() == 504 { "upstream timed out" } else { "upstream failed" };
-                return reply(client, b, e.status(), msg, keep, info.is_head).await;
+                return reply(client, b, o, e.status(), msg, keep, info.is_head).await;
             }
         }
     }
 }
 
 /// Sends the response whose head is in `ubuf` to the client, then the body.
+#[allow(clippy::too_many_arguments)]
 async fn respond<S: ClientStream>(
     ctx: &ListenerCtx,
     client: &mut S,
@@ -424,6 +589,8 @@ async fn respond<S: ClientStream>(
     b: &mut Bufs,
     req: &RequestInfo,
     deadline: Instant,
+    sent_at: std::time::Instant,
+    o: &mut Outcome<'_>,
 ) -> Step {
     // While draining, answer with `Connection: close` so the client goes elsewhere.
     let keep = req.keep_alive && !Drain::current().is_draining();
@@ -448,18 +615,27 @@ async fn respond<S: ClientStream>(
             Ok(Some(x)) => break x,
             Ok(None) => {
                 if let Err(e) = more_response_head(&mut c.conn, b, deadline).await {
+                    up.failed(c.idx, ctx.worker);
                     crate::log_limited(|| tracing::warn!(upstream = %c.addr, error = %e, "response head failed"));
-                    return reply(client, b, e.status(), "upstream failed", false, req.is_head).await;
+                    return reply(client, b, o, e.status(), "upstream failed", false, req.is_head).await;
                 }
             }
             Err(why) => {
-                crate::log_limited(|| tracing::warn!(upstream = %c.addr, why, "malformed upstream response"));
-                return reply(client, b, 502, "invalid upstream response", false, req.is_head).await;
+                up.failed(c.idx, ctx.worker);
+                crate::log_limited(|| {
+                    tracing::warn!(upstream = %c.addr, why, "malformed upstream response");
+                    atlas_observe::events::record("error", "upstream", format!("{}: malformed response: {why}", up.group.names[c.idx]));
+                });
+                return reply(client, b, o, 502, "invalid upstream response", false, req.is_head).await;
             }
         }
     };
-    up.record(c.idx, res.status < 500);
+    up.responded(c.idx, ctx.worker, res.status, sent_at.elapsed().as_micros() as u64);
+    o.status = res.status;
     let rest_start = res.head_len;
+    if let Some(d) = o.details.as_mut().filter(|d| d.skim) {
+        d.response_payload = skim::payload(&b.ubuf[rest_start..], ctx.skim.as_ref().map_or(0, |s| s.payload_bytes));
+    }
     if res.status == 101 {
         // Switching protocols: head now, leftovers in `tunnel`.
         if write_vec(client, &mut b.out).await.is_err() {
@@ -581,5 +757,7 @@ async fn tunnel<S: ClientStream>(ctx: &ListenerCtx, mut client: S, mut up: Upstr
     if !early_ok {
         return;
     }
-    pipe_both(client, up, [client_fd, up_fd], ctx.timeouts.tcp_idle).await;
+    let (sent, received) = pipe_both(client, up, [client_fd, up_fd], ctx.timeouts.tcp_idle).await;
+    ctx.stats().bytes_in.add(sent);
+    ctx.stats().bytes_out.add(received);
 }

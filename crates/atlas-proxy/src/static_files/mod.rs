@@ -203,7 +203,8 @@ enum Body {
 }
 
 /// Answers one parsed request from `site`. Returns whether the client
-/// connection may stay open.
+/// connection may stay open. On return, `out` starts with the response
+/// head that was sent (the proxy reads the status back from it).
 pub async fn respond<S: ClientStream>(site: &StaticSite, client: &mut S, req: &StaticReq, out: &mut Vec<u8>) -> bool {
     out.clear();
     let head = req.method == Method::Head;

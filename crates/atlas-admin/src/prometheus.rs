@@ -1,0 +1,147 @@
+//! `GET /metrics`: the Prometheus text exposition format (version 0.0.4),
+//! rendered on each scrape by summing the workers' slots. Only listeners
+//! and upstreams of the running configuration are shown; their counters
+//! keep counting across reloads.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use atlas_observe::metrics::{self, HistogramSnapshot, Reject, CLASSES, LATENCY_BOUNDS_US};
+
+use crate::AdminState;
+
+/// Escapes a label value (backslash, double quote, newline).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, h: &HistogramSnapshot) {
+    let mut cum = 0u64;
+    for (i, n) in h.buckets.iter().enumerate() {
+        cum += n;
+        let le = match LATENCY_BOUNDS_US.get(i) {
+            Some(&us) => format!("{}", us as f64 / 1e6),
+            None => "+Inf".to_string(),
+        };
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cum}");
+    }
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {cum}");
+}
+
+pub fn render(state: &AdminState) -> String {
+    let g = state.current.load();
+    let reg = metrics::registry();
+    let mut out = String::with_capacity(16 * 1024);
+
+    family(&mut out, "atlas_build_info", "gauge", "Atlas version and I/O driver.");
+    let _ = writeln!(out, "atlas_build_info{{version=\"{}\",driver=\"{}\"}} 1", env!("CARGO_PKG_VERSION"), state.driver);
+    family(&mut out, "atlas_uptime_seconds", "gauge", "Seconds since this process started.");
+    let _ = writeln!(out, "atlas_uptime_seconds {}", state.started.elapsed().as_secs_f64());
+    family(&mut out, "atlas_workers", "gauge", "Worker threads.");
+    let _ = writeln!(out, "atlas_workers {}", g.cfg.workers);
+    family(&mut out, "atlas_config_version", "gauge", "Version of the configuration in use (bumped by each applied reload).");
+    let _ = writeln!(out, "atlas_config_version {}", g.version);
+    family(&mut out, "atlas_config_reloads_total", "counter", "Configuration reloads by result.");
+    let _ = writeln!(out, "atlas_config_reloads_total{{result=\"ok\"}} {}", reg.reloads_ok.load(Ordering::Relaxed));
+    let _ = writeln!(out, "atlas_config_reloads_total{{result=\"error\"}} {}", reg.reloads_failed.load(Ordering::Relaxed));
+    family(&mut out, "atlas_draining", "gauge", "1 while the process drains.");
+    let _ = writeln!(out, "atlas_draining {}", atlas_proxy::drain::process_drain_requested() as u8);
+
+    let listeners: Vec<_> = reg.listeners().into_iter().filter(|(n, _)| g.cfg.listeners.iter().any(|l| &l.name == n)).collect();
+    let per_listener = |out: &mut String, name: &str, kind: &str, help: &str, f: &dyn Fn(&metrics::ListenerSnapshot) -> String| {
+        family(out, name, kind, help);
+        for (l, s) in &listeners {
+            let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", esc(l), f(s));
+        }
+    };
+    per_listener(&mut out, "atlas_connections_active", "gauge", "Open client connections.", &|s| s.connections_active.max(0).to_string());
+    per_listener(&mut out, "atlas_connections_total", "counter", "Client connections accepted.", &|s| s.connections_total.to_string());
+    per_listener(&mut out, "atlas_received_bytes_total", "counter", "Bytes read from clients.", &|s| s.bytes_in.to_string());
+    per_listener(&mut out, "atlas_sent_bytes_total", "counter", "Bytes written to clients.", &|s| s.bytes_out.to_string());
+    per_listener(&mut out, "atlas_retries_total", "counter", "Requests sent again (another upstream, or a fresh connection).", &|s| s.retries.to_string());
+
+    family(&mut out, "atlas_http_requests_total", "counter", "HTTP requests answered, by status class.");
+    for (l, s) in &listeners {
+        for (i, c) in CLASSES.iter().enumerate() {
+            let _ = writeln!(out, "atlas_http_requests_total{{listener=\"{}\",class=\"{c}\"}} {}", esc(l), s.requests[i]);
+        }
+    }
+    family(&mut out, "atlas_http_request_duration_seconds", "histogram", "From a request's first byte to its last response byte.");
+    for (l, s) in &listeners {
+        histogram(&mut out, "atlas_http_request_duration_seconds", &format!("listener=\"{}\"", esc(l)), &s.latency);
+    }
+    family(&mut out, "atlas_rejected_total", "counter", "Connections and requests refused, by reason (limits, smuggling attempts, malformed input).");
+    for (l, s) in &listeners {
+        for r in Reject::ALL {
+            let _ = writeln!(out, "atlas_rejected_total{{listener=\"{}\",reason=\"{}\"}} {}", esc(l), r.as_str(), s.rejected[r as usize]);
+        }
+    }
+
+    // Upstreams: figures per (listener, group, upstream), state per (group, upstream).
+    let live = |group: &str, name: &str| g.shared.groups.iter().any(|x| x.name == group && x.names.iter().any(|n| n == name));
+    let ups: Vec<_> = reg.upstreams().into_iter().filter(|(k, _)| live(&k.group, &k.upstream) && g.cfg.listeners.iter().any(|l| l.name == k.listener)).collect();
+    let lbl = |k: &metrics::UpstreamKey| format!("listener=\"{}\",group=\"{}\",upstream=\"{}\"", esc(&k.listener), esc(&k.group), esc(&k.upstream));
+    family(&mut out, "atlas_upstream_responses_total", "counter", "Responses from upstreams, by status class.");
+    for (k, s) in &ups {
+        for (i, c) in CLASSES.iter().enumerate() {
+            let _ = writeln!(out, "atlas_upstream_responses_total{{{},class=\"{c}\"}} {}", lbl(k), s.responses[i]);
+        }
+    }
+    family(&mut out, "atlas_upstream_errors_total", "counter", "Attempts that got no valid response (connect failure, reset, timeout, malformed).");
+    for (k, s) in &ups {
+        let _ = writeln!(out, "atlas_upstream_errors_total{{{}}} {}", lbl(k), s.errors);
+    }
+    family(&mut out, "atlas_upstream_pool_hits_total", "counter", "Requests sent on a pooled keep-alive connection.");
+    for (k, s) in &ups {
+        let _ = writeln!(out, "atlas_upstream_pool_hits_total{{{}}} {}", lbl(k), s.pool_hits);
+    }
+    family(&mut out, "atlas_upstream_pool_misses_total", "counter", "Requests that needed a new upstream connection.");
+    for (k, s) in &ups {
+        let _ = writeln!(out, "atlas_upstream_pool_misses_total{{{}}} {}", lbl(k), s.pool_misses);
+    }
+    family(&mut out, "atlas_upstream_header_duration_seconds", "histogram", "From sending a request to receiving the upstream's response head.");
+    for (k, s) in &ups {
+        histogram(&mut out, "atlas_upstream_header_duration_seconds", &lbl(k), &s.latency);
+    }
+    family(&mut out, "atlas_upstream_up", "gauge", "1 when the active health check has the upstream up.");
+    for group in &g.shared.groups {
+        for i in 0..group.len() {
+            let c = group.inflight.counters(i);
+            let _ = writeln!(out, "atlas_upstream_up{{group=\"{}\",upstream=\"{}\"}} {}", esc(&group.name), esc(&group.names[i]), c.is_healthy() as u8);
+        }
+    }
+    family(&mut out, "atlas_upstream_drained", "gauge", "1 when an operator drained the upstream.");
+    for group in &g.shared.groups {
+        for i in 0..group.len() {
+            let c = group.inflight.counters(i);
+            let _ = writeln!(out, "atlas_upstream_drained{{group=\"{}\",upstream=\"{}\"}} {}", esc(&group.name), esc(&group.names[i]), c.is_drained() as u8);
+        }
+    }
+    family(&mut out, "atlas_upstream_in_flight", "gauge", "Requests (or TCP connections) in flight to the upstream.");
+    for group in &g.shared.groups {
+        for i in 0..group.len() {
+            let c = group.inflight.counters(i);
+            let _ = writeln!(out, "atlas_upstream_in_flight{{group=\"{}\",upstream=\"{}\"}} {}", esc(&group.name), esc(&group.names[i]), c.total());
+        }
+    }
+
+    family(&mut out, "atlas_access_log_lines_total", "counter", "Access log lines written.");
+    let _ = writeln!(out, "atlas_access_log_lines_total {}", atlas_observe::access_log::written());
+    family(&mut out, "atlas_access_log_dropped_total", "counter", "Access log lines dropped (writer behind, or write failed).");
+    let _ = writeln!(out, "atlas_access_log_dropped_total {}", atlas_observe::access_log::dropped());
+    family(&mut out, "atlas_skim_samples_total", "counter", "Samples taken by the traffic skim.");
+    let taps: Vec<_> = g.cfg.listeners.iter().filter(|l| l.skim.enabled()).filter_map(|l| atlas_observe::skim::find(&l.name)).collect();
+    for t in &taps {
+        let _ = writeln!(out, "atlas_skim_samples_total{{listener=\"{}\"}} {}", esc(&t.listener), t.counts().0);
+    }
+    family(&mut out, "atlas_skim_dropped_total", "counter", "Samples the traffic skim dropped because a ring was full or busy.");
+    for t in &taps {
+        let _ = writeln!(out, "atlas_skim_dropped_total{{listener=\"{}\"}} {}", esc(&t.listener), t.counts().1);
+    }
+    out
+}
