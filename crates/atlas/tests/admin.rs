@@ -84,8 +84,21 @@ fn writes_from_outside_the_allow_list_are_refused_and_not_applied() {
     assert_eq!(s, 403, "{body}");
     assert!(body.contains("\"error\""), "{body}");
     assert!(call(api, "GET", "/api/v1/upstreams").1.contains("\"drained\":false"), "the write must not be applied");
-    // Reads stay open from there.
-    assert_eq!(call_from("127.0.0.2", api, "GET", "/api/v1/status", "").0, 200);
+    // Reads follow the same list by default; probes stay open.
+    assert_eq!(call_from("127.0.0.2", api, "GET", "/api/v1/status", "").0, 403);
+    assert_eq!(call_from("127.0.0.2", api, "GET", "/metrics", "").0, 403);
+    assert_eq!(call_from("127.0.0.2", api, "GET", "/health", "").0, 200);
+}
+
+#[test]
+fn reads_can_be_opened_separately_from_writes() {
+    let (_a, _b, atlas) = start("allow = [\"127.0.0.1/32\"]\nread_allow = [\"127.0.0.0/8\"]\n");
+    let api = atlas.api.unwrap();
+    for path in ["/api/v1/status", "/api/v1/upstreams", "/api/v1/listeners", "/metrics", "/"] {
+        assert_eq!(call_from("127.0.0.2", api, "GET", path, "").0, 200, "{path}");
+    }
+    assert_eq!(call_from("127.0.0.2", api, "POST", "/api/v1/upstreams/u1/drain", "").0, 403);
+    assert!(call(api, "GET", "/api/v1/upstreams").1.contains("\"drained\":false"));
 }
 
 #[test]
