@@ -538,10 +538,42 @@ def setup_tls_proxy(cfg, procs):
             "backend": backend, "body_size": body_size, "pairs": pairs}
 
 
+def setup_observe(cfg, procs):
+    """The cost of observability: the same Atlas proxy plain, with the traffic
+    skim on (every request sampled, 64 payload bytes), and with a JSON access
+    log to a file; nginx (access_log off, its default in the bench config) and
+    HAProxy as the usual references."""
+    body_size = 1024
+    body = ("0123456789abcdef" * (body_size // 16 + 1))[:body_size]
+    backend = start_nginx(cfg, procs, "backend", "nginx-backend.conf", cfg["load_cpu"],
+                          PORT=BACKEND_PORT, WORKERS=env_int("BACKEND_WORKERS", 1), BODY=body, BODY_SIZE=body_size)
+    wait_ready("backend", BACKEND_PORT, procs, body_size)
+    targets, pairs = [], []
+    if "atlas" in cfg["proxies"]:
+        up = f'\n[[upstreams]]\naddress = "127.0.0.1"\nport = {BACKEND_PORT}\n'
+
+        def listen(port, extra=""):
+            return f'[listen]\naddress = "127.0.0.1"\nport = {port}\nmode = "http"\nworkers = 1\n{extra}'
+        log_path = os.path.join(cfg["tmp"], "atlas-access.log")
+        targets.append(("atlas", 18095, start_atlas_conf(cfg, procs, "atlas-plain", listen(18095) + up)))
+        targets.append(("atlas-skim", 18096, start_atlas_conf(
+            cfg, procs, "atlas-skim", listen(18096, "skim = true\nskim_payload_bytes = 64\n") + up +
+            '\n[api]\naddress = "127.0.0.1:19096"\n')))
+        targets.append(("atlas-log", 18097, start_atlas_conf(
+            cfg, procs, "atlas-log", listen(18097, f'access_log = "{log_path}"\naccess_log_format = "json"\n') + up)))
+        pairs += [("atlas-skim", "atlas", "skim on"), ("atlas-log", "atlas", "access log on")]
+    others = [p for p in cfg["proxies"] if p != "atlas"]
+    if others:
+        targets += [t for t in start_proxies({**cfg, "proxies": others}, procs, BACKEND_PORT)]
+    return {"description": "observability cost: Atlas plain vs skim on vs JSON access log, 1 KiB body",
+            "targets": targets, "backend": backend, "body_size": body_size, "pairs": pairs}
+
+
 SCENARIOS = {
     "proxy": make_proxy_scenario(1024, "1 KiB response body, keep-alive, GET"),
     "static": setup_static,
     "tls-proxy": setup_tls_proxy,
+    "observe": setup_observe,
 }
 
 
@@ -686,11 +718,13 @@ def print_table(res, cfg):
         print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    for tls_name, plain_name in res.get("pairs", []):
+    for pair in res.get("pairs", []):
+        tls_name, plain_name = pair[0], pair[1]
+        label = pair[2] if len(pair) > 2 else "TLS overhead"
         for conns, rows in res["summary"].items():
             t, p = rows.get(tls_name), rows.get(plain_name)
             if t and p and p["rps_median"] and p["cpu_us_per_req_median"]:
-                print(f"  TLS overhead {tls_name} c={conns}: req/s {100 * (1 - t['rps_median'] / p['rps_median']):+.1f}% lower, "
+                print(f"  {label} {tls_name} c={conns}: req/s {100 * (1 - t['rps_median'] / p['rps_median']):+.1f}% lower, "
                       f"CPU/request {100 * (t['cpu_us_per_req_median'] / p['cpu_us_per_req_median'] - 1):+.1f}% higher than {plain_name}")
     print("  req/s, cpu%, load%, us/req, p50, p99: medians over repeats. cpu% = proxy CPU time / wall "
           "time;\n  load% = how busy the wrk+backend CPU was (near 100 => req/s is capped by the load "

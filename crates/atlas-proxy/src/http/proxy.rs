@@ -102,8 +102,8 @@ impl Details {
 }
 
 /// Counts an exchange in the listener's figures and writes its access log
-/// line and skim sample.
-fn record<S>(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::Instant, client: &mut Metered<S>, o: &Outcome) {
+/// line and skim sample (the sample takes the captured strings over).
+fn record<S>(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::Instant, client: &mut Metered<S>, o: Outcome) {
     let (bytes_in, bytes_out) = client.take_counts();
     let st = ctx.stats();
     st.bytes_in.add(bytes_in);
@@ -120,13 +120,12 @@ fn record<S>(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::Instant, c
     let us = started.elapsed().as_micros() as u64;
     st.requests[class_index(o.status)].inc();
     st.latency.observe_us(us);
-    let skimmed = o.details.as_ref().is_some_and(|d| d.skim);
-    if ctx.access_log.is_none() && !skimmed {
+    if ctx.access_log.is_none() && o.details.is_none() {
         return;
     }
     let upstream = o.upstream.map(|(u, i)| u.group.names[i].as_str()).unwrap_or("-");
-    let d = o.details.as_deref();
     if let Some(log) = &ctx.access_log {
+        let d = o.details.as_deref();
         log.write(&atlas_observe::access_log::Record {
             time: std::time::SystemTime::now(),
             listener: &ctx.name,
@@ -143,8 +142,9 @@ fn record<S>(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::Instant, c
             user_agent: d.map_or("", |d| &d.user_agent),
         });
     }
-    if let (Some(tap), Some(d)) = (&ctx.skim, d) {
+    if let (Some(tap), Some(d)) = (&ctx.skim, o.details) {
         if d.skim {
+            let d = *d;
             tap.tap.push(
                 ctx.worker,
                 skim::Sample {
@@ -152,15 +152,15 @@ fn record<S>(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::Instant, c
                     worker: ctx.worker as u16,
                     kind: skim::Kind::Http,
                     client: peer,
-                    method: d.method.as_str().into(),
-                    target: d.target.as_str().into(),
+                    method: d.method.into_boxed_str(),
+                    target: d.target.into_boxed_str(),
                     status: o.status,
                     upstream: upstream.into(),
                     bytes_in,
                     bytes_out,
                     duration_us: us,
-                    request_payload: d.request_payload.clone(),
-                    response_payload: d.response_payload.clone(),
+                    request_payload: d.request_payload,
+                    response_payload: d.response_payload,
                 },
             );
         }
@@ -219,8 +219,7 @@ pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, client: S, peer: Socke
                 }
             },
         };
-        record(&ctx, peer, started, &mut client, &o);
-        drop(o);
+        record(&ctx, peer, started, &mut client, o);
         match step {
             Step::KeepAlive => continue,
             Step::Close => break,
