@@ -30,7 +30,7 @@ fn latency(h: &HistogramSnapshot) -> Value {
 pub fn status(state: &AdminState) -> Value {
     let g = state.current.load();
     let listeners: Vec<Value> =
-        g.cfg.listeners.iter().map(|l| json!({ "name": l.name, "address": l.addr.to_string(), "mode": l.mode.as_str(), "tls": l.tls.is_some() })).collect();
+        g.cfg.listeners.iter().map(|l| json!({ "name": l.name, "address": state.bound_addr(&l.name, l.addr).to_string(), "mode": l.mode.as_str(), "tls": l.tls.is_some() })).collect();
     let r = metrics::registry();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -62,7 +62,7 @@ pub fn listeners(state: &AdminState) -> Value {
             }
             json!({
                 "name": l.name,
-                "address": l.addr.to_string(),
+                "address": state.bound_addr(&l.name, l.addr).to_string(),
                 "mode": l.mode.as_str(),
                 "tls": l.tls.is_some(),
                 "access_log": l.access_log.as_ref().map(|a| a.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into())),

@@ -53,6 +53,16 @@ pub struct AdminState {
     pub last_reload: Mutex<Value>,
     /// Set once the workers serve every listener.
     pub ready: AtomicBool,
+    /// Listener name -> the address actually bound (a configured port 0
+    /// becomes the port the kernel chose).
+    pub bound: Vec<(String, SocketAddr)>,
+}
+
+impl AdminState {
+    /// The address listener `name` is reachable on.
+    pub(crate) fn bound_addr(&self, name: &str, configured: SocketAddr) -> SocketAddr {
+        self.bound.iter().find(|(n, _)| n == name).map(|(_, a)| *a).unwrap_or(configured)
+    }
 }
 
 /// Binds `addr` now (so a busy port fails start-up) and serves it on a thread.

@@ -148,8 +148,9 @@ impl<T> PerWorker<T> {
     }
 }
 
-/// HTTP status classes as metric labels; "none" for a request that ended
-/// without a response (client gone).
+/// HTTP status classes as metric labels; "none" for a status outside
+/// 100..=599 (an upstream's odd code). A client that leaves before its
+/// response is counted as 499, in 4xx, as nginx logs it.
 pub const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 #[inline]

@@ -75,9 +75,30 @@ impl Shared {
             })
             .collect();
         if errors.is_empty() {
+            register_series(cfg);
             Ok(Shared { groups, group_tls, server_tls, access_logs })
         } else {
             Err(errors)
+        }
+    }
+}
+
+/// Creates the metric series of every listener and of the upstreams each
+/// one sends to, so a scrape right after start-up (or a reload) shows them
+/// at zero instead of missing until a worker builds its contexts.
+fn register_series(cfg: &Config) {
+    let reg = atlas_observe::metrics::registry();
+    for l in &cfg.listeners {
+        reg.listener(&l.name);
+        let routed = l.routes.iter().filter_map(|r| match r.target {
+            atlas_config::RouteTarget::Group(g) => Some(g),
+            _ => None,
+        });
+        for gi in l.group.into_iter().chain(routed) {
+            let Some(g) = cfg.groups.get(gi) else { continue };
+            for u in &g.upstreams {
+                reg.upstream(atlas_observe::metrics::UpstreamKey { listener: l.name.clone(), group: g.name.clone(), upstream: u.name.clone() });
+            }
         }
     }
 }

@@ -106,6 +106,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Per-worker metric slots are sized before anything registers a series.
+    atlas_observe::metrics::init(cfg.workers);
     let shared = match atlas_runtime::Shared::build(&cfg, None) {
         Ok(s) => s,
         Err(errors) => {
@@ -201,7 +203,7 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
         tracing::info!(name = %l.name, addr = %b.addr, mode = l.mode.as_str(), "listening");
     }
     let api_addr = cfg.api.as_ref().map(|a| a.addr);
-    atlas_observe::metrics::init(cfg.workers);
+    let bound_names: Vec<(String, std::net::SocketAddr)> = bound.iter().map(|b| (cfg.listeners[b.index].name.clone(), b.addr)).collect();
     let current = atlas_runtime::control::first_generation(cfg, shared);
     let admin = Arc::new(atlas_admin::AdminState {
         current: current.clone(),
@@ -210,6 +212,7 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
         config_path: args.config.clone(),
         last_reload: Mutex::new(serde_json::Value::Null),
         ready: AtomicBool::new(false),
+        bound: bound_names,
     });
     if let Some(addr) = api_addr {
         let (addr, _h) = atlas_admin::start(addr, admin.clone()).map_err(|e| format!("api: cannot listen on {addr}: {e}"))?;
