@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use crate::metrics::{class_index, Counter, PerWorker};
 use crate::time::unix_ms;
@@ -121,7 +121,8 @@ pub struct Tap {
     pub listener: String,
     rings: PerWorker<Ring>,
     history: Mutex<History>,
-    created: Instant,
+    /// The Unix second the tap was created in.
+    created_sec: u64,
 }
 
 static TAPS: Mutex<BTreeMap<String, Arc<Tap>>> = Mutex::new(BTreeMap::new());
@@ -138,7 +139,12 @@ pub fn tap(listener: &str) -> Arc<Tap> {
     let mut taps = TAPS.lock().unwrap_or_else(|p| p.into_inner());
     taps.entry(listener.to_string())
         .or_insert_with(|| {
-            Arc::new(Tap { listener: listener.to_string(), rings: PerWorker::new(workers), history: Mutex::default(), created: Instant::now() })
+            Arc::new(Tap {
+                listener: listener.to_string(),
+                rings: PerWorker::new(workers),
+                history: Mutex::default(),
+                created_sec: unix_ms(SystemTime::now()) / 1000,
+            })
         })
         .clone()
 }
@@ -243,8 +249,9 @@ impl Tap {
     pub fn rates(&self, window: u64) -> serde_json::Value {
         let window = window.clamp(1, WINDOW_MAX);
         let now = unix_ms(SystemTime::now()) / 1000;
-        // A young tap has not seen a whole window yet.
-        let span = window.min(self.created.elapsed().as_secs().max(1));
+        // A young tap has not seen a whole window yet: count from the
+        // second it was created in (that second included).
+        let span = window.min(now.saturating_sub(self.created_sec).max(1));
         let from = now.saturating_sub(span);
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let (mut req, mut bin, mut bout, mut dur) = (0u64, 0u64, 0u64, 0u64);

@@ -59,6 +59,8 @@ pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, client: S, peer: Socke
     let _live = drain.connection();
     let mut ctx = ctx;
     let mut client = Metered::new(client);
+    // Bytes read from the client but not yet consumed by a request.
+    let mut carried = 0u64;
     let mut b = Bufs { cbuf: take_buf(), ubuf: Vec::new(), out: Vec::new() };
     loop {
         if b.cbuf.is_empty() {
@@ -104,7 +106,10 @@ pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, client: S, peer: Socke
                 }
             },
         };
-        record(&ctx, peer, started, &mut client, o);
+        let io = client.take_counts();
+        let consumed = (io.0 + carried).saturating_sub(b.cbuf.len() as u64);
+        carried = b.cbuf.len() as u64;
+        record(&ctx, peer, started, io, consumed, o);
         match step {
             Step::KeepAlive => continue,
             Step::Close => break,

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use atlas_observe::metrics::{class_index, Reject};
 use atlas_observe::skim;
 
-use crate::io::Metered;
 use crate::upstream::Upstreams;
 use crate::ListenerCtx;
 
@@ -66,10 +65,16 @@ impl Details {
 
 /// Counts an exchange in the listener's figures and writes its access log
 /// line and skim sample (the sample takes the captured strings over).
-pub(super) fn record<S>(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::Instant, client: &mut Metered<S>, o: Outcome) {
-    let (bytes_in, bytes_out) = client.take_counts();
+///
+/// `io` is what the socket carried since the last exchange (the listener's
+/// byte counters); `consumed` is the bytes of this request itself (its
+/// head and body as parsed), which is what its log line and sample show:
+/// with pipelining one read may carry several requests.
+pub(super) fn record(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::Instant, io: (u64, u64), consumed: u64, o: Outcome) {
+    let (read, bytes_out) = io;
+    let bytes_in = consumed;
     let st = ctx.stats();
-    st.bytes_in.add(bytes_in);
+    st.bytes_in.add(read);
     st.bytes_out.add(bytes_out);
     if let Some(r) = o.reject {
         st.reject(r);
