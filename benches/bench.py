@@ -557,8 +557,7 @@ def setup_observe(cfg, procs):
         log_path = os.path.join(cfg["tmp"], "atlas-access.log")
         targets.append(("atlas", 18095, start_atlas_conf(cfg, procs, "atlas-plain", listen(18095) + up)))
         targets.append(("atlas-skim", 18096, start_atlas_conf(
-            cfg, procs, "atlas-skim", listen(18096, "skim = true\nskim_payload_bytes = 64\n") + up +
-            '\n[api]\naddress = "127.0.0.1:19096"\n')))
+            cfg, procs, "atlas-skim", listen(18096, "skim = true\nskim_payload_bytes = 64\n") + up)))
         targets.append(("atlas-log", 18097, start_atlas_conf(
             cfg, procs, "atlas-log", listen(18097, f'access_log = "{log_path}"\naccess_log_format = "json"\n') + up)))
         pairs += [("atlas-skim", "atlas", "skim on"), ("atlas-log", "atlas", "access log on")]

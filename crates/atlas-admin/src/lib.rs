@@ -357,6 +357,34 @@ async fn serve(mut s: TcpStream, peer: SocketAddr, state: Arc<AdminState>) {
     give_buf(buf);
 }
 
+/// Entry points for the `admin_request` fuzz target (`fuzz/`).
+pub mod fuzzing {
+    /// Parses `data` as an API request head and decodes its query; never
+    /// panics. What it accepts: a path without `?`, at most one parameter
+    /// per `&`-separated piece, and text without `%`/`+` decoded as itself.
+    pub fn check_request(data: &[u8]) {
+        let mut h = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut h);
+        if let Ok(httparse::Status::Complete(_)) = req.parse(data) {
+            let (r, _, _) = super::parse(&req);
+            assert!(!r.path.contains('?'));
+            let query = req.path.unwrap_or("").split_once('?').map(|x| x.1).unwrap_or("");
+            assert!(r.query.len() <= query.split('&').count());
+            for (k, v) in &r.query {
+                let _ = super::param(&r, k);
+                let _ = v.parse::<u64>();
+            }
+        }
+        if let Ok(text) = std::str::from_utf8(data) {
+            let decoded = super::percent_decode(text);
+            if !text.contains('%') && !text.contains('+') {
+                assert_eq!(decoded, text);
+            }
+            let _ = super::parse_query(text);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

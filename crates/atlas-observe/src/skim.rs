@@ -35,18 +35,21 @@ pub enum Kind {
     Tcp,
 }
 
-/// One skimmed request (HTTP) or connection (TCP).
-#[derive(Debug)]
+/// One skimmed request (HTTP) or connection (TCP). Method, target and
+/// upstream name share one allocation (`text`), so a sample costs the
+/// worker one allocation besides any payload copies.
+#[derive(Clone, Debug)]
 pub struct Sample {
     pub at_ms: u64,
     pub worker: u16,
     pub kind: Kind,
     pub client: SocketAddr,
-    pub method: Box<str>,
-    pub target: Box<str>,
+    /// `method`, `target` and `upstream`, one after the other.
+    pub text: String,
+    pub method_len: usize,
+    pub target_len: usize,
     /// 0 for TCP.
     pub status: u16,
-    pub upstream: Box<str>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub duration_us: u64,
@@ -57,6 +60,18 @@ pub struct Sample {
 }
 
 impl Sample {
+    pub fn method(&self) -> &str {
+        self.text.get(..self.method_len).unwrap_or("")
+    }
+
+    pub fn target(&self) -> &str {
+        self.text.get(self.method_len..self.method_len + self.target_len).unwrap_or("")
+    }
+
+    pub fn upstream(&self) -> &str {
+        self.text.get(self.method_len + self.target_len..).unwrap_or("")
+    }
+
     /// One JSON object (no newline).
     pub fn to_json(&self, seq: u64, listener: &str) -> String {
         let mut v = serde_json::json!({
@@ -66,14 +81,14 @@ impl Sample {
             "worker": self.worker,
             "kind": if self.kind == Kind::Http { "http" } else { "tcp" },
             "client": self.client.to_string(),
-            "upstream": &*self.upstream,
+            "upstream": self.upstream(),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "duration_us": self.duration_us,
         });
         if self.kind == Kind::Http {
-            v["method"] = (&*self.method).into();
-            v["target"] = (&*self.target).into();
+            v["method"] = self.method().into();
+            v["target"] = self.target().into();
             v["status"] = self.status.into();
         }
         if let Some(p) = &self.request_payload {
@@ -111,7 +126,7 @@ struct Second {
 #[derive(Default)]
 struct History {
     next_seq: u64,
-    samples: VecDeque<(u64, Arc<Sample>)>,
+    samples: VecDeque<(u64, Sample)>,
     seconds: VecDeque<Second>,
 }
 
@@ -211,9 +226,15 @@ impl Tap {
                 b.duration_us += s.duration_us;
                 if s.kind == Kind::Http {
                     b.classes[class_index(s.status)] += 1;
-                    let path = s.target.split('?').next().unwrap_or("");
-                    let key: Box<str> = if b.paths.len() < TOP_KEYS || b.paths.contains_key(path) { path.into() } else { "(other)".into() };
-                    *b.paths.entry(key).or_default() += 1;
+                    let path = s.target().split('?').next().unwrap_or("");
+                    // Only a path seen for the first time this second allocates.
+                    if let Some(n) = b.paths.get_mut(path) {
+                        *n += 1;
+                    } else if b.paths.len() < TOP_KEYS {
+                        b.paths.insert(path.into(), 1);
+                    } else {
+                        *b.paths.entry("(other)".into()).or_default() += 1;
+                    }
                 }
                 let n = b.clients.len();
                 if n < TOP_KEYS || b.clients.contains_key(&s.client.ip()) {
@@ -225,13 +246,13 @@ impl Tap {
             if h.samples.len() >= HISTORY {
                 h.samples.pop_front();
             }
-            h.samples.push_back((seq, Arc::new(s)));
+            h.samples.push_back((seq, s));
         }
     }
 
     /// Samples after `since` (oldest first, at most `limit`); with
     /// `since == 0`, the latest `limit`.
-    pub fn samples(&self, since: u64, limit: usize) -> Vec<(u64, Arc<Sample>)> {
+    pub fn samples(&self, since: u64, limit: usize) -> Vec<(u64, Sample)> {
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         if since == 0 {
             let skip = h.samples.len().saturating_sub(limit);
@@ -315,10 +336,10 @@ mod tests {
             worker: 0,
             kind: Kind::Http,
             client: client.parse().unwrap(),
-            method: "GET".into(),
-            target: path.into(),
+            text: format!("GET{path}u"),
+            method_len: 3,
+            target_len: path.len(),
             status: 200,
-            upstream: "u".into(),
             bytes_in: 100,
             bytes_out: 1000,
             duration_us: 10,

@@ -196,7 +196,7 @@ async fn static_exchange<S: ClientStream>(ctx: &ListenerCtx, site: &StaticSite, 
     o.request = true;
     let skim = ctx.skim.as_ref().is_some_and(|s| s.all);
     if skim || ctx.access_log.is_some() {
-        o.details = Some(Details::capture(&b.cbuf[..req.head_len], &[], skim, 0));
+        o.details = Some(Details::capture(&b.cbuf[..req.head_len], &[], skim, 0, ctx.access_log.is_some()));
     }
     b.cbuf.drain(..req.head_len);
     serve_static(site, client, &req, b, o).await
@@ -338,7 +338,7 @@ async fn exchange<'c, S: ClientStream>(ctx: &'c ListenerCtx, client: &mut S, pee
     let skim = routed.is_some_and(|r| r.1);
     if skim || ctx.access_log.is_some() {
         let payload_bytes = ctx.skim.as_ref().map_or(0, |s| s.payload_bytes);
-        o.details = Some(Details::capture(&b.cbuf[..info.head_len], &b.cbuf[info.head_len..], skim, payload_bytes));
+        o.details = Some(Details::capture(&b.cbuf[..info.head_len], &b.cbuf[info.head_len..], skim, payload_bytes, ctx.access_log.is_some()));
     }
     let up = match routed {
         Some((Target::Upstreams(up), _)) => up,

@@ -25,14 +25,17 @@ pub(super) struct Outcome<'c> {
     pub(super) retries: u32,
     pub(super) upstream: Option<(&'c Upstreams, usize)>,
     /// Captured only when the access log or the skim wants them.
-    pub(super) details: Option<Box<Details>>,
+    pub(super) details: Option<Details>,
 }
 
 /// The parts of a request the access log and the skim show.
 pub(super) struct Details {
-    pub(super) method: String,
-    pub(super) target: String,
+    /// The method then the target; the skim appends the upstream name and
+    /// keeps the string as its sample's text (one allocation per sample).
+    pub(super) text: String,
+    pub(super) method_len: usize,
     pub(super) protocol: &'static str,
+    /// Only read when the access log is on (empty otherwise).
     pub(super) referer: String,
     pub(super) user_agent: String,
     /// The request is sampled by the skim.
@@ -42,24 +45,49 @@ pub(super) struct Details {
 }
 
 impl Details {
-    /// Reads them from a request head that was already validated.
-    pub(super) fn capture(head: &[u8], body: &[u8], skim: bool, payload_bytes: usize) -> Box<Details> {
-        let mut h = [httparse::EMPTY_HEADER; 128];
-        let mut req = httparse::Request::new(&mut h);
-        let _ = req.parse(head);
-        let header = |name: &str| {
-            req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| String::from_utf8_lossy(h.value).into_owned()).unwrap_or_default()
-        };
-        Box::new(Details {
-            method: req.method.unwrap_or("").to_string(),
-            target: req.path.unwrap_or("").to_string(),
-            protocol: if req.version == Some(0) { "HTTP/1.0" } else { "HTTP/1.1" },
-            referer: header("referer"),
-            user_agent: header("user-agent"),
+    pub(super) fn method(&self) -> &str {
+        &self.text[..self.method_len]
+    }
+
+    pub(super) fn target(&self) -> &str {
+        &self.text[self.method_len..]
+    }
+
+    /// Reads them from a request head that was already validated. The
+    /// request line is split by hand; the headers are looked at only for
+    /// the access log (`headers`).
+    pub(super) fn capture(head: &[u8], body: &[u8], skim: bool, payload_bytes: usize, headers: bool) -> Details {
+        let line = head.split(|&c| c == b'\r' || c == b'\n').next().unwrap_or(b"");
+        let mut parts = line.split(|&c| c == b' ').filter(|p| !p.is_empty());
+        let method = String::from_utf8_lossy(parts.next().unwrap_or(b""));
+        let target = String::from_utf8_lossy(parts.next().unwrap_or(b""));
+        let protocol = if parts.next() == Some(b"HTTP/1.0") { "HTTP/1.0" } else { "HTTP/1.1" };
+        let mut text = String::with_capacity(method.len() + target.len() + 16);
+        text.push_str(&method);
+        text.push_str(&target);
+        let (mut referer, mut user_agent) = (String::new(), String::new());
+        if headers {
+            let mut h = [httparse::EMPTY_HEADER; 128];
+            let mut req = httparse::Request::new(&mut h);
+            let _ = req.parse(head);
+            for h in req.headers.iter() {
+                if h.name.eq_ignore_ascii_case("referer") {
+                    referer = String::from_utf8_lossy(h.value).into_owned();
+                } else if h.name.eq_ignore_ascii_case("user-agent") {
+                    user_agent = String::from_utf8_lossy(h.value).into_owned();
+                }
+            }
+        }
+        Details {
+            text,
+            method_len: method.len(),
+            protocol,
+            referer,
+            user_agent,
             skim,
             request_payload: if skim { skim::payload(body, payload_bytes) } else { None },
             response_payload: None,
-        })
+        }
     }
 }
 
@@ -93,13 +121,13 @@ pub(super) fn record(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::In
     }
     let upstream = o.upstream.map(|(u, i)| u.group.names[i].as_str()).unwrap_or("-");
     if let Some(log) = &ctx.access_log {
-        let d = o.details.as_deref();
+        let d = o.details.as_ref();
         log.write(&atlas_observe::access_log::Record {
             time: std::time::SystemTime::now(),
             listener: &ctx.name,
             client: peer.ip(),
-            method: d.map_or("", |d| &d.method),
-            target: d.map_or("", |d| &d.target),
+            method: d.map_or("", |d| d.method()),
+            target: d.map_or("", |d| d.target()),
             protocol: d.map_or("", |d| d.protocol),
             status: o.status,
             bytes_in,
@@ -112,7 +140,9 @@ pub(super) fn record(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::In
     }
     if let (Some(tap), Some(d)) = (&ctx.skim, o.details) {
         if d.skim {
-            let d = *d;
+            let target_len = d.text.len() - d.method_len;
+            let mut text = d.text;
+            text.push_str(upstream);
             tap.tap.push(
                 ctx.worker,
                 skim::Sample {
@@ -120,10 +150,10 @@ pub(super) fn record(ctx: &ListenerCtx, peer: SocketAddr, started: std::time::In
                     worker: ctx.worker as u16,
                     kind: skim::Kind::Http,
                     client: peer,
-                    method: d.method.into_boxed_str(),
-                    target: d.target.into_boxed_str(),
+                    text,
+                    method_len: d.method_len,
+                    target_len,
                     status: o.status,
-                    upstream: upstream.into(),
                     bytes_in,
                     bytes_out,
                     duration_us: us,
