@@ -125,8 +125,29 @@ pub fn events(limit: usize) -> Value {
     json!({ "events": list, "dropped": atlas_observe::events::dropped() })
 }
 
+/// The optional JSON body of `drain` / `enable`: `{"reason": "..."}`,
+/// recorded in the events and the log. Anything else is a 400 that names
+/// the problem.
+pub fn action_reason(body: &[u8]) -> Result<Option<String>, Reply> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| error(400, format!("malformed JSON body: {e}")))?;
+    let Value::Object(map) = v else { return Err(error(400, "the JSON body must be an object such as {\"reason\": \"maintenance\"}")) };
+    let mut reason = None;
+    for (k, v) in map {
+        match (k.as_str(), v) {
+            ("reason", Value::String(r)) => reason = Some(r.chars().take(200).collect()),
+            ("reason", Value::Null) => {}
+            ("reason", _) => return Err(error(400, "`reason` must be a string")),
+            (other, _) => return Err(error(400, format!("unknown field `{other}`; expected `reason`"))),
+        }
+    }
+    Ok(reason)
+}
+
 /// Drains or enables every upstream called `name` (in any group).
-pub fn set_drained(state: &AdminState, name: &str, drained: bool) -> Reply {
+pub fn set_drained(state: &AdminState, name: &str, drained: bool, reason: Option<&str>) -> Reply {
     let g = state.current.load();
     let mut found = 0;
     for group in &g.shared.groups {
@@ -135,8 +156,9 @@ pub fn set_drained(state: &AdminState, name: &str, drained: bool) -> Reply {
                 found += 1;
                 if group.inflight.counters(i).set_drained(drained) {
                     let verb = if drained { "drained" } else { "enabled" };
-                    tracing::info!(upstream = name, "upstream {verb} by the admin API");
-                    atlas_observe::events::record("info", "upstream", format!("{name} {verb} by the admin API"));
+                    let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
+                    tracing::info!(upstream = name, reason, "upstream {verb} by the admin API");
+                    atlas_observe::events::record("info", "upstream", format!("{name} {verb} by the admin API{why}"));
                 }
             }
         }
@@ -144,5 +166,5 @@ pub fn set_drained(state: &AdminState, name: &str, drained: bool) -> Reply {
     if found == 0 {
         return error(404, format!("no upstream named `{name}`"));
     }
-    reply(200, json!({ "upstream": name, "drained": drained }))
+    reply(200, json!({ "upstream": name, "drained": drained, "reason": reason }))
 }

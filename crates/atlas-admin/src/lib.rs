@@ -19,8 +19,11 @@
 //! and, when `[api] token` is set, `Authorization: Bearer <token>` (401).
 //! Read endpoints need a source in `[api] read_allow` (default: the same
 //! list); `/health` and `/ready` are open to every source (probes).
-//! Errors are JSON objects with an `error` message; an unknown route is
-//! 404, a known route with the wrong method 405.
+//! `drain` and `enable` take an optional JSON body `{"reason": "..."}`
+//! (recorded in the events); a body must come with `Content-Length` (at
+//! most 64 KiB). Errors are JSON objects with an `error` message; an
+//! unknown route is 404, a known route with the wrong method 405, a
+//! malformed body 400 naming the problem.
 
 mod api;
 mod prometheus;
@@ -39,6 +42,8 @@ use monoio::net::{TcpListener, TcpStream};
 use serde_json::{json, Value};
 
 const MAX_HEAD: usize = 16 * 1024;
+/// Largest JSON body a write endpoint reads.
+const MAX_BODY: usize = 64 * 1024;
 
 /// The dashboard: one page, its CSS and script inline (no CDN).
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -131,6 +136,8 @@ fn reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Content Too Large",
         503 => "Service Unavailable",
         _ => "Error",
     }
@@ -160,6 +167,8 @@ pub(crate) struct Req {
     authorization: Option<String>,
     accept: Option<String>,
     last_event_id: Option<u64>,
+    /// The request body (JSON on write endpoints; empty when none was sent).
+    body: Vec<u8>,
 }
 
 /// A query parameter (the first of that name).
@@ -292,17 +301,42 @@ fn route(state: &AdminState, peer: IpAddr, req: &Req) -> Reply {
             if let Some(denied) = authorize_write(state, peer, req) {
                 return denied;
             }
-            api::set_drained(state, &percent_decode(name), verb == "drain")
+            let reason = match api::action_reason(&req.body) {
+                Ok(r) => r,
+                Err(e) => return e,
+            };
+            api::set_drained(state, &percent_decode(name), verb == "drain", reason.as_deref())
         }
         _ => error(404, format!("no route for {} {path}", req.method)),
     }
 }
 
-/// Parses a complete head; `None` when it is malformed.
-fn parse(req: &httparse::Request) -> (Req, bool, bool) {
+/// How the body of a request is framed.
+enum Framing {
+    None,
+    Length(usize),
+    /// Refused: the reply to send (and then close).
+    Refused(Reply),
+}
+
+/// Reads the request's parts from a complete head, and how its body is framed.
+fn parse(req: &httparse::Request) -> (Req, bool, Framing) {
     let keep = req.version == Some(1) && !req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close"));
-    let has_body =
-        req.headers.iter().any(|h| (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0") || h.name.eq_ignore_ascii_case("transfer-encoding"));
+    let lengths: Vec<&[u8]> = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("content-length")).map(|h| h.value).collect();
+    let framing = if req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("transfer-encoding")) {
+        Framing::Refused(error(411, "send the body with Content-Length (Transfer-Encoding is not accepted here)"))
+    } else {
+        match lengths.as_slice() {
+            [] => Framing::None,
+            [v] => match std::str::from_utf8(v).ok().and_then(|t| t.trim().parse::<usize>().ok()) {
+                Some(0) => Framing::None,
+                Some(n) if n <= MAX_BODY => Framing::Length(n),
+                Some(_) => Framing::Refused(error(413, format!("request bodies are limited to {MAX_BODY} bytes"))),
+                None => Framing::Refused(error(400, "invalid Content-Length")),
+            },
+            _ => Framing::Refused(error(400, "more than one Content-Length")),
+        }
+    };
     let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| String::from_utf8_lossy(h.value).into_owned());
     let target = req.path.unwrap_or("");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -313,8 +347,9 @@ fn parse(req: &httparse::Request) -> (Req, bool, bool) {
         authorization: header("authorization"),
         accept: header("accept"),
         last_event_id: header("last-event-id").and_then(|v| v.trim().parse().ok()),
+        body: Vec::new(),
     };
-    (r, keep, has_body)
+    (r, keep, framing)
 }
 
 async fn serve(mut s: TcpStream, peer: SocketAddr, state: Arc<AdminState>) {
@@ -325,10 +360,25 @@ async fn serve(mut s: TcpStream, peer: SocketAddr, state: Arc<AdminState>) {
             let mut req = httparse::Request::new(&mut h);
             match req.parse(&buf) {
                 Ok(httparse::Status::Complete(n)) => {
-                    let (r, keep, has_body) = parse(&req);
-                    // None of our routes takes a body: refuse one rather than misread the stream.
-                    let out = if has_body { error(400, "request bodies are not accepted here") } else { route(&state, peer.ip(), &r) };
-                    break Some((n, out, keep && !has_body, r.method == "HEAD"));
+                    let (mut r, keep, framing) = parse(&req);
+                    let len = match framing {
+                        Framing::None => 0,
+                        Framing::Length(len) => len,
+                        Framing::Refused(reply) => break Some((buf.len(), reply, false, false)),
+                    };
+                    // The body follows the head: wait for all of it.
+                    while buf.len() < n + len {
+                        match monoio::time::timeout(Duration::from_secs(10), read_more(&mut s, &mut buf, MAX_HEAD + MAX_BODY + 1024)).await {
+                            Ok(Ok(got)) if got > 0 => {}
+                            _ => break,
+                        }
+                    }
+                    if buf.len() < n + len {
+                        break None;
+                    }
+                    r.body = buf[n..n + len].to_vec();
+                    let out = route(&state, peer.ip(), &r);
+                    break Some((n + len, out, keep, r.method == "HEAD"));
                 }
                 Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
                 _ => break Some((buf.len(), error(400, "malformed request"), false, false)),
@@ -366,7 +416,7 @@ pub mod fuzzing {
         let mut h = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut h);
         if let Ok(httparse::Status::Complete(_)) = req.parse(data) {
-            let (r, _, _) = super::parse(&req);
+            let (r, _, _framing) = super::parse(&req);
             assert!(!r.path.contains('?'));
             let query = req.path.unwrap_or("").split_once('?').map(|x| x.1).unwrap_or("");
             assert!(r.query.len() <= query.split('&').count());

@@ -123,7 +123,49 @@ fn errors_are_json_with_the_right_status() {
     assert_eq!(call(api, "POST", "/api/v1/status").0, 405);
     assert_eq!(call(api, "GET", "/api/v1/upstreams/x/drain").0, 405);
     assert_eq!(call(api, "POST", "/api/v1/upstreams/nobody/drain").0, 404);
-    assert_eq!(call_from("127.0.0.1", api, "POST", "/api/v1/upstreams/x/drain", "Content-Length: 2\r\n").0, 400);
+    // Chunked bodies are refused (411) rather than misread; oversized ones get 413.
+    assert_eq!(call_from("127.0.0.1", api, "POST", "/api/v1/upstreams/u0/drain", "Transfer-Encoding: chunked\r\n").0, 411);
+    assert_eq!(call_from("127.0.0.1", api, "POST", "/api/v1/upstreams/u0/drain", "Content-Length: 999999\r\n").0, 413);
+    assert!(call(api, "GET", "/api/v1/upstreams").1.contains("\"drained\":false"), "refused writes are not applied");
+}
+
+/// POST with a JSON body, on a fresh connection.
+fn post_json(api: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(api).unwrap();
+    set_timeouts(&s, Duration::from_secs(3));
+    let req = format!("POST {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+#[test]
+fn malformed_json_bodies_get_400_naming_the_problem_and_change_nothing() {
+    let (_a, _b, atlas) = start("");
+    let api = atlas.api.unwrap();
+    let path = "/api/v1/upstreams/u1/drain";
+    let (s, body) = post_json(api, path, "{\"reason\": ");
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("malformed JSON") && body.contains("line 1 column"), "{body}");
+    let (s, body) = post_json(api, path, "[1, 2]");
+    assert_eq!(s, 400);
+    assert!(body.contains("must be an object"), "{body}");
+    let (s, body) = post_json(api, path, "{\"reason\": 5}");
+    assert_eq!(s, 400);
+    assert!(body.contains("`reason` must be a string"), "{body}");
+    let (s, body) = post_json(api, path, "{\"why\": \"x\"}");
+    assert_eq!(s, 400);
+    assert!(body.contains("unknown field `why`"), "{body}");
+    assert!(call(api, "GET", "/api/v1/upstreams").1.contains("\"drained\":false"), "no write applied");
+    // A well-formed body: applied, and the reason is recorded.
+    let (s, body) = post_json(api, path, "{\"reason\": \"kernel upgrade\"}");
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("\"reason\":\"kernel upgrade\""), "{body}");
+    assert!(call(api, "GET", "/api/v1/upstreams").1.contains("\"drained\":true"));
+    let events = call(api, "GET", "/api/v1/events").1;
+    assert!(events.contains("u1 drained by the admin API: kernel upgrade"), "{events}");
 }
 
 #[test]
