@@ -311,7 +311,7 @@ impl Tap {
             "requests_per_sec": req as f64 / span as f64,
             "bytes_in_per_sec": bin as f64 / span as f64,
             "bytes_out_per_sec": bout as f64 / span as f64,
-            "mean_duration_us": if req > 0 { dur / req } else { 0 },
+            "mean_duration_us": dur.checked_div(req).unwrap_or(0),
             "status_per_sec": by_class,
             "top_paths": top(paths.into_iter().map(|(k, n)| (k.to_string(), n)).collect()),
             "top_clients": top(clients.into_iter().map(|(k, n)| (k.to_string(), n)).collect()),
