@@ -437,13 +437,26 @@ def start_proxies(cfg, procs, backend_port):
 # scenarios: name -> setup(cfg, procs) returning a dict with
 #   description, targets [(name, port, Popen)], backend (Popen or None), body_size
 
+def start_backend(cfg, procs, body_size):
+    """The backend nginx on BACKEND_PORT answering every GET with body_size bytes."""
+    body = ("0123456789abcdef" * (body_size // 16 + 1))[:body_size]
+    backend = start_nginx(cfg, procs, "backend", "nginx-backend.conf", cfg["load_cpu"],
+                          PORT=BACKEND_PORT, WORKERS=env_int("BACKEND_WORKERS", 1), BODY=body, BODY_SIZE=body_size)
+    wait_ready("backend", BACKEND_PORT, procs, body_size)
+    return backend
+
+
+ATLAS_UPSTREAM = f'\n[[upstreams]]\naddress = "127.0.0.1"\nport = {BACKEND_PORT}\n'
+
+
+def atlas_listen(port, extra=""):
+    """An Atlas [listen] table: one worker, http mode, plus extra keys."""
+    return f'[listen]\naddress = "127.0.0.1"\nport = {port}\nmode = "http"\nworkers = 1\n{extra}'
+
+
 def make_proxy_scenario(body_size, description):
     def setup(cfg, procs):
-        body = ("0123456789abcdef" * (body_size // 16 + 1))[:body_size]
-        backend = start_nginx(cfg, procs, "backend", "nginx-backend.conf", cfg["load_cpu"],
-                              PORT=BACKEND_PORT, WORKERS=env_int("BACKEND_WORKERS", 1),
-                              BODY=body, BODY_SIZE=body_size)
-        wait_ready("backend", BACKEND_PORT, procs, body_size)
+        backend = start_backend(cfg, procs, body_size)
         targets = start_proxies(cfg, procs, BACKEND_PORT)
         return {"description": description, "targets": targets, "backend": backend,
                 "body_size": body_size}
@@ -509,16 +522,10 @@ def setup_tls_proxy(cfg, procs):
     its own plain-HTTP twin so the TLS overhead is measured in the same run."""
     cert, key = make_cert(cfg)
     body_size = 1024
-    body = ("0123456789abcdef" * (body_size // 16 + 1))[:body_size]
-    backend = start_nginx(cfg, procs, "backend", "nginx-backend.conf", cfg["load_cpu"],
-                          PORT=BACKEND_PORT, WORKERS=env_int("BACKEND_WORKERS", 1), BODY=body, BODY_SIZE=body_size)
-    wait_ready("backend", BACKEND_PORT, procs, body_size)
+    backend = start_backend(cfg, procs, body_size)
     targets, pairs = [], []
     if "atlas" in cfg["proxies"]:
-        up = f'\n[[upstreams]]\naddress = "127.0.0.1"\nport = {BACKEND_PORT}\n'
-
-        def listen(port):
-            return f'[listen]\naddress = "127.0.0.1"\nport = {port}\nmode = "http"\nworkers = 1\n'
+        up, listen = ATLAS_UPSTREAM, atlas_listen
         tls_text = listen(18090) + f'[listen.tls]\ncert = "{cert}"\nkey = "{key}"\n' + up
         targets.append(("atlas", 18090, start_atlas_conf(cfg, procs, "atlas-tls", tls_text), "https"))
         targets.append(("atlas-plain", 18091, start_atlas_conf(cfg, procs, "atlas-plain", listen(18091) + up)))
@@ -544,16 +551,10 @@ def setup_observe(cfg, procs):
     log to a file; nginx (access_log off, its default in the bench config) and
     HAProxy as the usual references."""
     body_size = 1024
-    body = ("0123456789abcdef" * (body_size // 16 + 1))[:body_size]
-    backend = start_nginx(cfg, procs, "backend", "nginx-backend.conf", cfg["load_cpu"],
-                          PORT=BACKEND_PORT, WORKERS=env_int("BACKEND_WORKERS", 1), BODY=body, BODY_SIZE=body_size)
-    wait_ready("backend", BACKEND_PORT, procs, body_size)
+    backend = start_backend(cfg, procs, body_size)
     targets, pairs = [], []
     if "atlas" in cfg["proxies"]:
-        up = f'\n[[upstreams]]\naddress = "127.0.0.1"\nport = {BACKEND_PORT}\n'
-
-        def listen(port, extra=""):
-            return f'[listen]\naddress = "127.0.0.1"\nport = {port}\nmode = "http"\nworkers = 1\n{extra}'
+        up, listen = ATLAS_UPSTREAM, atlas_listen
         log_path = os.path.join(cfg["tmp"], "atlas-access.log")
         targets.append(("atlas", 18095, start_atlas_conf(cfg, procs, "atlas-plain", listen(18095) + up)))
         targets.append(("atlas-skim", 18096, start_atlas_conf(

@@ -180,18 +180,22 @@ async fn read_head<S: AsyncReadRent, T>(
     }
 }
 
+/// Answers a request head that was refused (and counts why); closes.
+async fn refuse<S: AsyncWriteRent>(client: &mut S, b: &mut Bufs, o: &mut Outcome<'_>, peer: SocketAddr, why: (u16, &'static str, Reject)) -> Step {
+    let (status, reason, reject) = why;
+    tracing::debug!(%peer, status, reason, "request refused");
+    o.request = true;
+    o.reject = Some(reject);
+    reply(client, b, o, status, reason, false, false).await
+}
+
 /// One exchange on a listener that only serves static files.
 async fn static_exchange<S: ClientStream>(ctx: &ListenerCtx, site: &StaticSite, client: &mut S, peer: SocketAddr, b: &mut Bufs, o: &mut Outcome<'_>) -> Step {
     let max_headers = ctx.limits.max_headers;
     let req = match read_head(ctx, client, b, |buf, _| static_files::parse(buf, max_headers), |r| r.head_len).await {
         Head::Request(r) => r,
         Head::Gone => return Step::Close,
-        Head::Refuse(status, why, reject) => {
-            tracing::debug!(%peer, status, why, "request refused");
-            o.request = true;
-            o.reject = Some(reject);
-            return reply(client, b, o, status, why, false, false).await;
-        }
+        Head::Refuse(status, why, reject) => return refuse(client, b, o, peer, (status, why, reject)).await,
     };
     o.request = true;
     let skim = ctx.skim.as_ref().is_some_and(|s| s.all);
@@ -324,12 +328,7 @@ async fn exchange<'c, S: ClientStream>(ctx: &'c ListenerCtx, client: &mut S, pee
     let info = match read_head(ctx, client, b, |buf, out| codec::rewrite_request(buf, out, &rctx), |i| i.head_len).await {
         Head::Request(info) => info,
         Head::Gone => return Step::Close,
-        Head::Refuse(status, why, reject) => {
-            tracing::debug!(%peer, status, why, "request refused");
-            o.request = true;
-            o.reject = Some(reject);
-            return reply(client, b, o, status, why, false, false).await;
-        }
+        Head::Refuse(status, why, reject) => return refuse(client, b, o, peer, (status, why, reject)).await,
     };
     o.request = true;
     o.status = 499;
