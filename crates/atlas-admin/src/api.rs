@@ -29,8 +29,12 @@ fn latency(h: &HistogramSnapshot) -> Value {
 
 pub fn status(state: &AdminState) -> Value {
     let g = state.current.load();
-    let listeners: Vec<Value> =
-        g.cfg.listeners.iter().map(|l| json!({ "name": l.name, "address": state.bound_addr(&l.name, l.addr).to_string(), "mode": l.mode.as_str(), "tls": l.tls.is_some() })).collect();
+    let listeners: Vec<Value> = g
+        .cfg
+        .listeners
+        .iter()
+        .map(|l| json!({ "name": l.name, "address": state.bound_addr(&l.name, l.addr).to_string(), "mode": l.mode.as_str(), "tls": l.tls.is_some() }))
+        .collect();
     let r = metrics::registry();
     json!({
         "version": env!("CARGO_PKG_VERSION"),

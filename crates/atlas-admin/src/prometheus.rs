@@ -84,7 +84,8 @@ pub fn render(state: &AdminState) -> String {
 
     // Upstreams: figures per (listener, group, upstream), state per (group, upstream).
     let live = |group: &str, name: &str| g.shared.groups.iter().any(|x| x.name == group && x.names.iter().any(|n| n == name));
-    let ups: Vec<_> = reg.upstreams().into_iter().filter(|(k, _)| live(&k.group, &k.upstream) && g.cfg.listeners.iter().any(|l| l.name == k.listener)).collect();
+    let ups: Vec<_> =
+        reg.upstreams().into_iter().filter(|(k, _)| live(&k.group, &k.upstream) && g.cfg.listeners.iter().any(|l| l.name == k.listener)).collect();
     let lbl = |k: &metrics::UpstreamKey| format!("listener=\"{}\",group=\"{}\",upstream=\"{}\"", esc(&k.listener), esc(&k.group), esc(&k.upstream));
     family(&mut out, "atlas_upstream_responses_total", "counter", "Responses from upstreams, by status class.");
     for (k, s) in &ups {

@@ -25,7 +25,10 @@ fn tap_for(state: &AdminState, req: &Req) -> Result<Arc<Tap>, Reply> {
     let g = state.current.load();
     let skimmed: Vec<&str> = g.cfg.listeners.iter().filter(|l| l.skim.enabled()).map(|l| l.name.as_str()).collect();
     let Some(name) = param(req, "listener") else {
-        return Err(error(400, format!("`listener` is required; listeners with a skim tap: {}", if skimmed.is_empty() { "none".into() } else { skimmed.join(", ") })));
+        return Err(error(
+            400,
+            format!("`listener` is required; listeners with a skim tap: {}", if skimmed.is_empty() { "none".into() } else { skimmed.join(", ") }),
+        ));
     };
     if !g.cfg.listeners.iter().any(|l| l.name == name) {
         return Err(error(404, format!("no listener named `{name}`")));

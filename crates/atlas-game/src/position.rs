@@ -47,7 +47,11 @@ fn xyz(path: &[&str], x: &str, y: &str, z: &str) -> Place {
 /// The rules used when the configuration gives none.
 pub fn default_rules() -> Vec<Rule> {
     vec![
-        Rule { field: "namespace".into(), values: vec!["movement".into()], places: vec![xyz(&["data"], "target_x", "target_y", "target_z"), xyz(&["data"], "x", "y", "z")] },
+        Rule {
+            field: "namespace".into(),
+            values: vec!["movement".into()],
+            places: vec![xyz(&["data"], "target_x", "target_y", "target_z"), xyz(&["data"], "x", "y", "z")],
+        },
         Rule {
             field: "type".into(),
             values: vec!["move".into(), "position".into()],
@@ -96,7 +100,10 @@ pub fn extract(text: &str, rules: &[Rule]) -> Option<Point> {
         return None;
     }
     let v: Value = serde_json::from_str(text).ok()?;
-    rules.iter().filter(|r| v.get(&r.field).and_then(Value::as_str).is_some_and(|f| r.values.iter().any(|x| x == f))).find_map(|r| r.places.iter().find_map(|p| read(&v, p)))
+    rules
+        .iter()
+        .filter(|r| v.get(&r.field).and_then(Value::as_str).is_some_and(|f| r.values.iter().any(|x| x == f)))
+        .find_map(|r| r.places.iter().find_map(|p| read(&v, p)))
 }
 
 #[cfg(test)]

@@ -51,8 +51,8 @@ impl Gauge {
 /// Upper bounds of the latency buckets, in microseconds (a 1-2-5 series
 /// from 50 µs to 60 s; one more bucket holds everything slower).
 pub const LATENCY_BOUNDS_US: [u64; 19] = [
-    50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000, 5_000_000, 10_000_000,
-    30_000_000, 60_000_000,
+    50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000, 5_000_000, 10_000_000, 30_000_000,
+    60_000_000,
 ];
 const BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
 

@@ -9,8 +9,8 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
-use monoio::BufResult;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
+use monoio::BufResult;
 
 /// Size of the per-connection buffers.
 pub const BUF_SIZE: usize = 16 * 1024;

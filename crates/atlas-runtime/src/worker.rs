@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use atlas_balance::Picker;
 use atlas_config::{Config, Listener, Mode, RouteTarget, Strategy};
+use atlas_observe::metrics::{self, ListenerStats, Reject, UpstreamKey};
+use atlas_observe::PerWorker;
 use atlas_proxy::drain::{self, Drain};
 use atlas_proxy::http::codec::simple_response;
 use atlas_proxy::io::{read_more, write_vec};
@@ -25,8 +27,6 @@ use atlas_proxy::pool::ConnPool;
 use atlas_proxy::static_files::fs::{FileCache, Root};
 use atlas_proxy::static_files::StaticSite;
 use atlas_proxy::upstream::Passive;
-use atlas_observe::metrics::{self, ListenerStats, Reject, UpstreamKey};
-use atlas_observe::PerWorker;
 use atlas_proxy::{ListenerCtx, Skim, Target, Upstreams};
 use monoio::io::Canceller;
 use monoio::net::{TcpListener, TcpStream};
@@ -103,11 +103,8 @@ impl CtxBuilder<'_> {
         let h = &self.cfg.health;
         let passive = RefCell::new(Passive::new(g.len(), h.max_fails, h.fail_timeout));
         let registry = metrics::registry();
-        let stats = g
-            .names
-            .iter()
-            .map(|n| registry.upstream(UpstreamKey { listener: listener.to_string(), group: g.name.clone(), upstream: n.clone() }))
-            .collect();
+        let stats =
+            g.names.iter().map(|n| registry.upstream(UpstreamKey { listener: listener.to_string(), group: g.name.clone(), upstream: n.clone() })).collect();
         Target::Upstreams(Upstreams { group: g, picker, tls: self.shared.group_tls[group].clone(), passive, stats })
     }
 

@@ -133,7 +133,8 @@ fn errors_are_json_with_the_right_status() {
 fn post_json(api: SocketAddr, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(api).unwrap();
     set_timeouts(&s, Duration::from_secs(3));
-    let req = format!("POST {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let req =
+        format!("POST {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     s.write_all(req.as_bytes()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();

@@ -220,11 +220,17 @@ pub enum Chunk<'a> {
     Header(FrameHeader),
     /// Payload bytes as they are on the wire (still masked), and their
     /// offset within the frame's payload.
-    Payload { data: &'a [u8], offset: u64 },
+    Payload {
+        data: &'a [u8],
+        offset: u64,
+    },
     /// The frame ended. `message_end`: it was the last frame of a data
     /// message (a switch between backends may happen here); control frames
     /// never end a message.
-    FrameEnd { opcode: Opcode, message_end: bool },
+    FrameEnd {
+        opcode: Opcode,
+        message_end: bool,
+    },
 }
 
 /// Incremental decoder over one direction of a WebSocket connection.

@@ -101,12 +101,7 @@ pub fn validate(req: &httparse::Request) -> Result<ClientHandshake, HandshakeErr
     }
     let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
     let forward = req.headers.iter().filter(|h| !OWN.iter().any(|o| h.name.eq_ignore_ascii_case(o))).map(|h| (h.name.to_string(), text(h.value))).collect();
-    Ok(ClientHandshake {
-        path: req.path.unwrap_or("/").to_string(),
-        key: text(key),
-        protocols: get("sec-websocket-protocol").map(text),
-        forward,
-    })
+    Ok(ClientHandshake { path: req.path.unwrap_or("/").to_string(), key: text(key), protocols: get("sec-websocket-protocol").map(text), forward })
 }
 
 /// `Sec-WebSocket-Accept` for a client key: base64(SHA-1(key + GUID)).
@@ -163,8 +158,7 @@ pub fn check_backend_response(res: &httparse::Response, key: &str) -> Result<(),
 
 /// The 101 response to the client.
 pub fn client_response(key: &str, protocol: Option<&str>) -> Vec<u8> {
-    let mut out =
-        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n", accept_key(key));
+    let mut out = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n", accept_key(key));
     if let Some(p) = protocol {
         out.push_str(&format!("Sec-WebSocket-Protocol: {p}\r\n"));
     }

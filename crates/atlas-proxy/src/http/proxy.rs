@@ -20,11 +20,11 @@ use monoio::time::{timeout, timeout_at, Instant};
 
 use super::chunked::ChunkedScanner;
 use super::codec::{self, BodyKind, HeadError, RequestInfo, ResponseCtx, RewriteCtx};
+use super::record::{record, Details, Outcome};
 use crate::drain::Drain;
 use crate::error::{ProxyError, Side};
 use crate::io::{give_buf, pipe_both, read_more, take_buf, write_range, write_vec, ClientStream, Metered, BUF_SIZE};
 use crate::static_files::{self, StaticSite};
-use super::record::{record, Details, Outcome};
 use crate::upstream::{self, InflightGuard, UpstreamConn};
 use crate::{ListenerCtx, Target};
 use atlas_observe::metrics::Reject;

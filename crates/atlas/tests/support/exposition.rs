@@ -248,4 +248,3 @@ pub fn scalar(v: &Value) -> Option<f64> {
 pub fn pairs_match(labels: &LabelSet, pairs: &[(&str, &str)]) -> bool {
     pairs.iter().all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
 }
-
