@@ -14,6 +14,7 @@
 //! | `GET /api/v1/skim`, `/api/v1/skim/rates` | the traffic tap (see `skim.rs`) |
 //! | `POST /api/v1/upstreams/{name}/drain` | take it out of rotation (in-flight requests finish) |
 //! | `POST /api/v1/upstreams/{name}/enable` | put it back |
+//! | game routes (`/api/v1/servers...`, `/servers...`, `/transfer`, ...) | see `atlas_game::api` |
 //!
 //! Write endpoints need a source address in `[api] allow` (403 otherwise)
 //! and, when `[api] token` is set, `Authorization: Bearer <token>` (401).
@@ -131,6 +132,8 @@ pub(crate) fn error(status: u16, msg: impl Into<String>) -> Reply {
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -251,6 +254,17 @@ const GET_ROUTES: [&str; 10] =
 
 fn route(state: &AdminState, peer: IpAddr, req: &Req) -> Reply {
     let path = req.path.as_str();
+    if let Some(access) = atlas_game::api::access(&req.method, path) {
+        let denied = match access {
+            atlas_game::api::Access::Read => authorize_read(state, peer),
+            atlas_game::api::Access::Write => authorize_write(state, peer, req),
+        };
+        if let Some(d) = denied {
+            return d;
+        }
+        let (status, body) = atlas_game::api::handle(&req.method, path, &req.body);
+        return reply(status, body);
+    }
     let get = req.method == "GET" || req.method == "HEAD";
     let only = |allowed: &'static str| {
         let mut r = error(405, format!("{} is not allowed on {path}; use {allowed}", req.method));

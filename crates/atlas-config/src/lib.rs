@@ -8,7 +8,10 @@
 
 mod load;
 mod raw;
+mod spatial;
 mod validate;
+
+pub use spatial::{apply_env, maestro_url_error, PositionPlace, PositionRule, Spatial};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -63,7 +66,7 @@ pub enum Mode {
     Tcp,
     /// Static files from a root directory.
     Static,
-    /// WebSocket game gateway (a stub until the game gateway lands).
+    /// WebSocket game gateway: spatial routing and seamless transfers.
     Game,
     /// Connection firehose (not in this build yet; rejected by validation).
     Firehose,
@@ -444,6 +447,8 @@ pub struct Config {
     pub limits: Limits,
     pub pool: Pool,
     pub health: Health,
+    /// `[spatial]`: the game gateway.
+    pub spatial: Spatial,
 }
 
 /// Loads and validates a configuration file.
@@ -453,7 +458,19 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
         .map_err(|e| ConfigErrors(vec![ConfigError { file: name.clone(), line: 0, column: 0, key: "(file)".into(), message: format!("cannot read: {e}") }]))?;
     let mut cfg = load_str(&text, &name)?;
     cfg.source = Some(path.to_path_buf());
-    Ok(cfg)
+    with_env(cfg, &name)
+}
+
+/// Applies the `ATLAS_*` overrides of `[spatial]` from the environment.
+fn with_env(mut cfg: Config, name: &str) -> Result<Config, ConfigErrors> {
+    let errors = apply_env(&mut cfg.spatial, |k| std::env::var(k).ok());
+    if errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(
+            errors.into_iter().map(|message| ConfigError { file: name.to_string(), line: 0, column: 0, key: "(environment)".into(), message }).collect(),
+        ))
+    }
 }
 
 /// Like [`load_str`], but host names are not looked up (they resolve to
@@ -488,7 +505,8 @@ pub fn embedded_default() -> Result<Config, ConfigErrors> {
     let proxy = std::env::var("ATLAS_PROXY_ADDR").unwrap_or_else(|_| "0.0.0.0:9000".into());
     let api = std::env::var("ATLAS_API_ADDR").unwrap_or_else(|_| "127.0.0.1:9001".into());
     let text = format!("[listen]\nname = \"game\"\naddress = {proxy:?}\nmode = \"game\"\n\n[api]\naddress = {api:?}\n",);
-    load_str(&text, "(embedded default; ATLAS_PROXY_ADDR / ATLAS_API_ADDR)")
+    let name = "(embedded default; ATLAS_PROXY_ADDR / ATLAS_API_ADDR)";
+    with_env(load_str(&text, name)?, name)
 }
 
 /// Parses durations such as `250ms`, `5s`, `2m`, `1h`, `1.5s`.

@@ -126,7 +126,7 @@ fn table_array<T: DeserializeOwned>(diag: &mut Diag<'_>, root: &DeTable<'_>, key
     out
 }
 
-const SECTIONS: &[&str] = &["listen", "listeners", "upstreams", "routing", "static_files", "runtime", "api", "timeouts", "limits", "pool", "routes", "health"];
+const SECTIONS: &[&str] = &["listen", "listeners", "upstreams", "routing", "static_files", "runtime", "api", "timeouts", "limits", "pool", "routes", "health", "spatial"];
 
 pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
     let (doc, errors) = DeTable::parse_recoverable(diag.text);
@@ -150,6 +150,7 @@ pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
             "pool" => raw.pool = section(diag, root, key, v).unwrap_or_default(),
             "routes" => raw.routes = table_array(diag, root, key, v),
             "health" => raw.health = section(diag, root, key, v).unwrap_or_default(),
+            "spatial" => raw.spatial = section(diag, root, key, v).unwrap_or_default(),
             other => diag.push(
                 Some(k.span()),
                 if other.is_empty() { "(empty key)" } else { other },

@@ -198,4 +198,5 @@ pub struct RawConfig {
     pub pool: RawPool,
     pub routes: Vec<Spanned<RawRoute>>,
     pub health: RawHealth,
+    pub spatial: crate::spatial::RawSpatial,
 }

@@ -56,7 +56,7 @@ fn parse_mode(s: &str) -> Option<Mode> {
     })
 }
 
-fn int_in(diag: &mut Diag<'_>, v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: i64) -> i64 {
+pub(crate) fn int_in(diag: &mut Diag<'_>, v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: i64) -> i64 {
     match v {
         None => default,
         Some(s) if (min..=max).contains(s.get_ref()) => *s.get_ref(),
@@ -67,7 +67,7 @@ fn int_in(diag: &mut Diag<'_>, v: &Option<Spanned<i64>>, key: &str, min: i64, ma
     }
 }
 
-fn duration(diag: &mut Diag<'_>, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+pub(crate) fn duration(diag: &mut Diag<'_>, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
     match v {
         None => default,
         Some(s) => match parse_duration(s.get_ref()) {
@@ -618,6 +618,7 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
         limits,
         pool,
         health,
+        spatial: crate::spatial::validate(diag, &raw.spatial),
     }
 }
 

@@ -10,12 +10,14 @@ fn run(data: &[u8], cut: usize, sender: Sender) -> (Vec<String>, Result<(), Stri
     let mut events = Vec::new();
     let mut payload = Vec::new();
     let mut verdict = Ok(());
-    for piece in data.chunks(cut.max(1)) {
+    for (i, piece) in data.chunks(cut.max(1)).enumerate() {
+        let base = i * cut.max(1);
         let r = dec.feed(piece, |c| {
             match &c {
                 Chunk::Header(h) => events.push(format!("H{:?}", (h.fin, h.rsv, h.opcode, h.mask, h.len))),
                 Chunk::Payload { data, .. } => payload.extend_from_slice(data),
-                Chunk::FrameEnd { opcode, message_end } => events.push(format!("E{opcode:?}{message_end}")),
+                // Where the frame ends in the whole input must not depend on the cut.
+                Chunk::FrameEnd { opcode, message_end, consumed } => events.push(format!("E{opcode:?}{message_end}@{}", base + consumed)),
             }
             if let Some(t) = tap.follow(&c) {
                 events.push(format!("T{t}"));

@@ -22,23 +22,7 @@ pub struct Point {
     pub z: f64,
 }
 
-/// Where the point sits inside a matching message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Place {
-    /// An object at `path` (empty: the root) with three number fields.
-    Fields { path: Vec<String>, x: String, y: String, z: String },
-    /// An array `[x, y, z]` (or `[x, y]`) at `path`.
-    Array { path: Vec<String> },
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rule {
-    /// The message matches when this field (top level) holds one of the values.
-    pub field: String,
-    pub values: Vec<String>,
-    /// Tried in order; the first that yields a point wins.
-    pub places: Vec<Place>,
-}
+pub use atlas_config::{PositionPlace as Place, PositionRule as Rule};
 
 fn xyz(path: &[&str], x: &str, y: &str, z: &str) -> Place {
     Place::Fields { path: path.iter().map(|s| s.to_string()).collect(), x: x.into(), y: y.into(), z: z.into() }

@@ -315,7 +315,11 @@ async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
                     atlas_proxy::http::serve(ctx, stream, peer, fd).await
                 }
                 (None, Mode::Tcp) => atlas_proxy::tcp::serve_plain(ctx, stream, peer).await,
-                (None, Mode::Game | Mode::Firehose) => not_yet(stream).await,
+                (None, Mode::Game) => {
+                    let fd = stream.as_raw_fd();
+                    atlas_game::session::serve(ctx, stream, peer, fd).await
+                }
+                (None, Mode::Firehose) => not_yet(stream).await,
                 (Some(acceptor), _) => {
                     let acceptor = acceptor.clone();
                     serve_tls(ctx, acceptor, stream, peer).await
@@ -347,17 +351,18 @@ async fn serve_tls(ctx: Rc<ListenerCtx>, acceptor: TlsAcceptor, stream: TcpStrea
     match ctx.mode {
         Mode::Http | Mode::Static => atlas_proxy::http::serve(ctx, tls, peer, fd).await,
         Mode::Tcp => atlas_proxy::tcp::serve_stream(ctx, tls, peer, fd).await,
-        Mode::Game | Mode::Firehose => {}
+        Mode::Game => atlas_game::session::serve(ctx, tls, peer, fd).await,
+        Mode::Firehose => {}
     }
 }
 
-/// Placeholder for modes whose issue has not landed (the game gateway):
+/// Placeholder for modes whose issue has not landed (the firehose):
 /// answers every request with 503 and closes.
 async fn not_yet(mut stream: TcpStream) {
     let _live = Drain::current().connection();
     let mut buf = atlas_proxy::io::take_buf();
     let _ = monoio::time::timeout(Duration::from_secs(5), read_more(&mut stream, &mut buf, 16 * 1024)).await;
-    let mut resp = simple_response(503, "the game gateway is not implemented in this build yet", false, false, "");
+    let mut resp = simple_response(503, "the firehose is not implemented in this build yet", false, false, "");
     let _ = write_vec(&mut stream, &mut resp).await;
     atlas_proxy::io::give_buf(buf);
 }

@@ -35,6 +35,9 @@ OPTIONS:
 ENVIRONMENT:
     ATLAS_LOG                      log filter (tracing EnvFilter syntax), default \"info\"
     ATLAS_PROXY_ADDR, ATLAS_API_ADDR   addresses of the embedded default
+                                   (default 0.0.0.0:9000 and 127.0.0.1:9001)
+    ATLAS_REGION_SIZE              world units per region (overrides [spatial] region_size)
+    ATLAS_AUTO_SCALE, ATLAS_MAESTRO_URL   ask Maestro for servers (override [spatial])
 ";
 
 struct Args {
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
     };
     // Per-worker metric slots are sized before anything registers a series.
     atlas_observe::metrics::init(cfg.workers);
+    atlas_game::registry::registry().configure(&cfg.spatial);
     let shared = match atlas_runtime::Shared::build(&cfg, None) {
         Ok(s) => s,
         Err(errors) => {
@@ -139,6 +143,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Restores the game server registry from its snapshot and starts the
+/// monitor (heartbeats, auto-scale) when a listener is in game mode.
+fn start_game(cfg: &atlas_config::Config) {
+    if !cfg.listeners.iter().any(|l| l.mode == atlas_config::Mode::Game) {
+        return;
+    }
+    let s = &cfg.spatial;
+    if let Some(path) = &s.snapshot {
+        match atlas_game::registry::registry().restore(path) {
+            Ok(n) => tracing::info!(servers = n, path = %path.display(), "game server registry restored from its snapshot"),
+            Err(e) => tracing::warn!("config: {e}; starting with an empty registry"),
+        }
+    }
+    if s.auto_scale && s.maestro_url.is_none() {
+        tracing::warn!("config: auto-scale is on but no Maestro URL is set ([spatial] maestro_url or ATLAS_MAESTRO_URL): no servers will be requested");
+    }
+    if cfg.api.is_none() {
+        tracing::warn!("config: a game listener without [api]: game servers have nowhere to register");
+    }
+    atlas_game::registry::spawn_monitor(cfg.api.as_ref().map(|a| a.addr));
+}
+
 /// Waits up to `timeout` for one of `signals` (all blocked in every thread).
 fn wait_signal(signals: &SigSet, timeout: Duration) -> Option<Signal> {
     let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
@@ -153,8 +179,9 @@ fn wait_signal(signals: &SigSet, timeout: Duration) -> Option<Signal> {
 
 fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) -> Result<ExitCode, String> {
     if args.config.is_none() {
-        tracing::info!("no CONFIG given: running the embedded default (game gateway stub + API /health)");
+        tracing::info!("no CONFIG given: running the embedded default (the game gateway and its API)");
     }
+    start_game(&cfg);
     // Block the signals before any thread exists so every thread inherits
     // the mask and only this thread receives them (sigtimedwait below).
     let mut signals = SigSet::empty();

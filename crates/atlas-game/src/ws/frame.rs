@@ -230,6 +230,9 @@ pub enum Chunk<'a> {
     FrameEnd {
         opcode: Opcode,
         message_end: bool,
+        /// Bytes of the input of this `feed` call up to the frame's end
+        /// (where a stream can be cut between two messages).
+        consumed: usize,
     },
 }
 
@@ -257,6 +260,16 @@ impl Decoder {
         self.frame.is_none() && self.message.is_none() && self.partial.is_empty()
     }
 
+    /// Inside a frame whose header was read (its payload is streaming).
+    pub fn in_frame(&self) -> bool {
+        self.frame.is_some()
+    }
+
+    /// Between two frames (a control frame may be inserted here).
+    pub fn at_frame_boundary(&self) -> bool {
+        self.frame.is_none() && self.partial.is_empty()
+    }
+
     /// Decodes all of `input`, reporting what it holds in order. After an
     /// error the connection must be failed; the decoder is left as is.
     pub fn feed<'a>(&mut self, input: &'a [u8], mut on: impl FnMut(Chunk<'a>)) -> Result<(), FrameError> {
@@ -274,7 +287,7 @@ impl Decoder {
                     return Ok(());
                 }
                 self.frame = None;
-                self.end_frame(h, &mut on);
+                self.end_frame(h, input.len() - rest.len(), &mut on);
                 continue;
             }
             if rest.is_empty() {
@@ -310,7 +323,7 @@ impl Decoder {
             self.frame = Some((h, h.len));
             if h.len == 0 {
                 self.frame = None;
-                self.end_frame(h, &mut on);
+                self.end_frame(h, input.len() - rest.len(), &mut on);
             }
         }
     }
@@ -323,7 +336,7 @@ impl Decoder {
         }
     }
 
-    fn end_frame<'a>(&mut self, h: FrameHeader, on: &mut impl FnMut(Chunk<'a>)) {
+    fn end_frame<'a>(&mut self, h: FrameHeader, consumed: usize, on: &mut impl FnMut(Chunk<'a>)) {
         let message_end = match h.opcode {
             op if op.is_control() => false,
             Opcode::Continuation => {
@@ -339,7 +352,7 @@ impl Decoder {
                 h.fin
             }
         };
-        on(Chunk::FrameEnd { opcode: h.opcode, message_end });
+        on(Chunk::FrameEnd { opcode: h.opcode, message_end, consumed });
     }
 }
 

@@ -1,0 +1,127 @@
+//! Game gateway end to end: real WebSocket game servers (tests/support/game.rs)
+//! register like Horizon; clients walk across region borders through Atlas.
+//! Every client message must reach exactly one server, exactly once and in
+//! order, and every reply must come back in order, across transfers.
+
+mod common;
+#[path = "support/game.rs"]
+mod game;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::Atlas;
+use game::{http_json, move_msg, GameServer, WsClient};
+
+/// A game listener and its API on ephemeral ports.
+fn config(extra: &str) -> String {
+    format!("[listen]\naddress = \"127.0.0.1:0\"\nmode = \"game\"\n\n[api]\naddress = \"127.0.0.1:0\"\n\n[spatial]\nregion_size = 1000.0\n{extra}\n")
+}
+
+/// Server `name` for grid cell (x, 0, 0) of 1000-unit regions.
+fn region_server(atlas: &Atlas, name: &str, x: i64) -> GameServer {
+    let s = GameServer::start(name);
+    let c = x as f64 * 1000.0 + 500.0;
+    s.register(atlas.api.unwrap(), (x, 0, 0), (c, 500.0, 500.0), 500.0, 1000).expect("register");
+    s
+}
+
+/// Sends `n` moves from x0 stepping dx, reading each ack; returns the
+/// servers that acked, in order.
+fn walk(c: &mut WsClient, n: u64, x0: f64, dx: f64) -> Vec<String> {
+    let mut who = Vec::new();
+    for seq in 1..=n {
+        c.send_text(&move_msg(seq, x0 + dx * seq as f64, 500.0, 500.0));
+        let v = c.recv_json().unwrap_or_else(|e| panic!("ack {seq}: {e}"));
+        assert_eq!(v["seq"].as_u64(), Some(seq), "acks in order: {v}");
+        who.push(v["server"].as_str().unwrap_or("").to_string());
+    }
+    who
+}
+
+#[test]
+fn walking_across_a_border_moves_the_player_without_losing_a_message() {
+    let atlas = Atlas::start(&config("predict_horizon = \"0s\"\nhysteresis = 5.0"));
+    let a = region_server(&atlas, "a", 0);
+    let b = region_server(&atlas, "b", 1);
+    let mut c = WsClient::connect(atlas.addr(), "/play?player_id=walker&x=900&y=500&z=500", &[]).expect("connect");
+    // 900 -> 1100 in 2-unit steps: the border at 1000 (+5 hysteresis) is crossed once.
+    let who = walk(&mut c, 100, 900.0, 2.0);
+    assert_eq!(who.first().map(String::as_str), Some("a"));
+    assert_eq!(who.last().map(String::as_str), Some("b"), "{who:?}");
+    let switches = who.windows(2).filter(|w| w[0] != w[1]).count();
+    assert_eq!(switches, 1, "one switch, no flapping: {who:?}");
+    // Exactly once, in order, split between the two servers.
+    let seqs = |s: &GameServer| -> Vec<u64> {
+        s.received().iter().filter_map(|r| serde_json::from_str::<serde_json::Value>(&r.text).ok()?.get("seq")?.as_u64()).collect()
+    };
+    let (sa, sb) = (seqs(&a), seqs(&b));
+    let mut all = sa.clone();
+    all.extend(&sb);
+    assert_eq!(all, (1..=100).collect::<Vec<_>>(), "a got {sa:?}, b got {sb:?}");
+    // The target saw the player id and a transfer token; the source a 1001 close.
+    let conn = &b.connections()[0];
+    assert_eq!(conn.header("x-atlas-player-id"), Some("walker"));
+    assert!(conn.header("x-atlas-transfer-token").is_some_and(|t| t.len() > 40));
+    assert!(game::wait_for(Duration::from_secs(3), || a.closes().iter().any(|(_, code)| *code == 1001)), "closes {:?}", a.closes());
+    // The API shows the player on b.
+    let (status, players) = http_json(atlas.api.unwrap(), "GET", "/api/v1/players", None, &[]).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(players["players"][0]["server_id"].as_str(), b.server_id().as_deref(), "{players}");
+}
+
+#[test]
+fn many_players_many_transfers_exactly_once_in_order() {
+    let atlas = Atlas::start(&config("predict_horizon = \"0s\"\nhysteresis = 5.0"));
+    let servers: Vec<GameServer> = (0..4).map(|i| region_server(&atlas, &format!("s{i}"), i)).collect();
+    let addr = atlas.addr();
+    // 10 players, each walking back and forth over three borders:
+    // 0..4000 and back, 2 round trips => 12 transfers each; 25 steps per region.
+    let handles: Vec<_> = (0..10)
+        .map(|p| {
+            std::thread::spawn(move || {
+                let mut c = WsClient::connect(addr, &format!("/play?player_id=p{p}&x=20&y=500&z=500"), &[]).expect("connect");
+                let mut seq = 0u64;
+                let mut who = Vec::new();
+                for _round in 0..2 {
+                    for dir in [1.0f64, -1.0] {
+                        for i in 0..100 {
+                            seq += 1;
+                            let x = if dir > 0.0 { 20.0 + 39.6 * i as f64 } else { 3940.0 - 39.6 * i as f64 };
+                            c.send_text(&move_msg(seq, x, 500.0, 500.0));
+                            let v = c.recv_json().unwrap_or_else(|e| panic!("p{p} ack {seq}: {e}"));
+                            assert_eq!(v["seq"].as_u64(), Some(seq), "p{p}: {v}");
+                            who.push(v["server"].as_str().unwrap_or("").to_string());
+                        }
+                    }
+                }
+                (seq, who.windows(2).filter(|w| w[0] != w[1]).count())
+            })
+        })
+        .collect();
+    let mut transfers = 0;
+    for h in handles {
+        let (_, n) = h.join().expect("player thread");
+        transfers += n;
+    }
+    // Every message exactly once, in order, per player, across all servers.
+    let mut per_player: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut by_time: Vec<(std::time::Instant, String, u64)> = Vec::new();
+    for s in &servers {
+        for r in s.received() {
+            let seq = serde_json::from_str::<serde_json::Value>(&r.text).ok().and_then(|v| v["seq"].as_u64()).expect("seq");
+            by_time.push((r.at, r.player.clone().unwrap_or_default(), seq));
+        }
+    }
+    by_time.sort();
+    for (_, p, seq) in by_time {
+        per_player.entry(p).or_default().push(seq);
+    }
+    assert_eq!(per_player.len(), 10);
+    for (p, seqs) in &per_player {
+        assert_eq!(seqs, &(1..=400).collect::<Vec<_>>(), "{p}");
+    }
+    assert!(transfers >= 100, "expected 120 switches, saw {transfers}");
+    let (_, m) = http_json(atlas.api.unwrap(), "GET", "/metrics", None, &[]).unwrap_or((0, serde_json::Value::Null));
+    let _ = m;
+}
