@@ -21,16 +21,69 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 
 fn histogram(out: &mut String, name: &str, labels: &str, h: &HistogramSnapshot) {
     let mut cum = 0u64;
+    let sep = if labels.is_empty() { "" } else { "," };
     for (i, n) in h.buckets.iter().enumerate() {
         cum += n;
         let le = match LATENCY_BOUNDS_US.get(i) {
             Some(&us) => format!("{}", us as f64 / 1e6),
             None => "+Inf".to_string(),
         };
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cum}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cum}");
     }
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum_us as f64 / 1e6);
-    let _ = writeln!(out, "{name}_count{{{labels}}} {cum}");
+    let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+    let _ = writeln!(out, "{name}_sum{braces} {}", h.sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count{braces} {cum}");
+}
+
+/// The game gateway's figures (when a listener is in game mode).
+fn game(out: &mut String) {
+    use atlas_game::stats::{stats, GameStats};
+    let sum = |f: &dyn Fn(&GameStats) -> u64| stats().iter().map(f).sum::<u64>();
+    let reg = atlas_game::registry::registry();
+    let world = reg.world();
+    family(out, "atlas_game_servers", "gauge", "Registered game servers by status.");
+    for status in ["up", "down", "draining"] {
+        let n = world.servers.iter().filter(|s| s.status.as_str() == status).count();
+        let _ = writeln!(out, "atlas_game_servers{{status=\"{status}\"}} {n}");
+    }
+    family(out, "atlas_game_server_players", "gauge", "Players Atlas has on each game server.");
+    for s in &world.servers {
+        let _ = writeln!(out, "atlas_game_server_players{{server=\"{}\",name=\"{}\"}} {}", esc(&s.id), esc(&s.name), s.players());
+    }
+    family(out, "atlas_game_players", "gauge", "Players connected (open sessions).");
+    let _ = writeln!(out, "atlas_game_players {}", stats().iter().map(|s| s.sessions.get()).sum::<i64>());
+    let counters: [(&str, &str, &dyn Fn(&GameStats) -> u64); 8] = [
+        ("atlas_game_sessions_total", "Player sessions opened.", &|s| s.sessions_total.get()),
+        ("atlas_game_handshakes_refused_total", "Client handshakes refused (malformed, no server, server refused).", &|s| s.refused.get()),
+        ("atlas_game_positions_total", "Positions read from client messages.", &|s| s.positions.get()),
+        ("atlas_game_failovers_total", "Sessions whose server failed under them.", &|s| s.failovers.get()),
+        ("atlas_game_preconnects_total", "Predictive pre-connects opened.", &|s| s.preconnects.get()),
+        ("atlas_game_preconnect_hits_total", "Transfers that used a pre-connected server.", &|s| s.preconnect_hits.get()),
+        ("atlas_game_preconnect_cancelled_total", "Pre-connects closed unused (the player turned back).", &|s| s.preconnect_cancelled.get()),
+        ("atlas_game_heartbeats_total", "Heartbeats received from game servers.", &|_| 0),
+    ];
+    for (name, help, f) in counters {
+        family(out, name, "counter", help);
+        let v = if name == "atlas_game_heartbeats_total" { reg.heartbeats.load(Ordering::Relaxed) } else { sum(f) };
+        let _ = writeln!(out, "{name} {v}");
+    }
+    family(out, "atlas_game_messages_total", "counter", "WebSocket data messages relayed, by direction.");
+    let _ = writeln!(out, "atlas_game_messages_total{{direction=\"client_to_server\"}} {}", sum(&|s| s.messages_in.get()));
+    let _ = writeln!(out, "atlas_game_messages_total{{direction=\"server_to_client\"}} {}", sum(&|s| s.messages_out.get()));
+    family(out, "atlas_game_transfers_total", "counter", "Player transfers between game servers, by result.");
+    let _ = writeln!(out, "atlas_game_transfers_total{{result=\"ok\"}} {}", sum(&|s| s.transfers_ok.get()));
+    let _ = writeln!(out, "atlas_game_transfers_total{{result=\"failed\"}} {}", sum(&|s| s.transfers_failed.get()));
+    family(out, "atlas_game_servers_marked_down_total", "counter", "Game servers marked down after missing heartbeats.");
+    let _ = writeln!(out, "atlas_game_servers_marked_down_total {}", reg.servers_marked_down.load(Ordering::Relaxed));
+    family(out, "atlas_game_scale_requests_total", "counter", "Auto-scale requests to Maestro, by result.");
+    let _ = writeln!(out, "atlas_game_scale_requests_total{{result=\"ok\"}} {}", reg.scale_requests_sent.load(Ordering::Relaxed));
+    let _ = writeln!(out, "atlas_game_scale_requests_total{{result=\"error\"}} {}", reg.scale_requests_failed.load(Ordering::Relaxed));
+    family(out, "atlas_game_transfer_switch_seconds", "histogram", "From deciding to move a player to its stream running to the new server.");
+    let mut h = HistogramSnapshot::default();
+    for s in stats().iter() {
+        h.merge(&s.switch_time);
+    }
+    histogram(out, "atlas_game_transfer_switch_seconds", "", &h);
 }
 
 pub fn render(state: &AdminState) -> String {
@@ -143,6 +196,9 @@ pub fn render(state: &AdminState) -> String {
     family(&mut out, "atlas_skim_dropped_total", "counter", "Samples the traffic skim dropped because a ring was full or busy.");
     for t in &taps {
         let _ = writeln!(out, "atlas_skim_dropped_total{{listener=\"{}\"}} {}", esc(&t.listener), t.counts().1);
+    }
+    if g.cfg.listeners.iter().any(|l| l.mode == atlas_config::Mode::Game) {
+        game(&mut out);
     }
     out
 }

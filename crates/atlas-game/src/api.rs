@@ -279,11 +279,25 @@ pub fn world_json() -> Value {
         .map(|t| json!({"at_ms": t.at_ms, "player_id": t.player, "from": t.from, "to": t.to, "switch_us": t.switch_us, "ok": t.ok, "reason": t.reason}))
         .collect();
     let s = reg.settings();
+    let st = crate::stats::stats();
+    let sum = |f: &dyn Fn(&crate::stats::GameStats) -> u64| st.iter().map(f).sum::<u64>();
+    let mut h = atlas_observe::metrics::HistogramSnapshot::default();
+    st.iter().for_each(|x| h.merge(&x.switch_time));
+    let ms = |q: f64| h.quantile_us(q).map(|us| us / 1000.0);
     json!({
         "region_size": s.spatial.region_size,
         "servers": reg.servers_json(),
         "players": players_json(),
         "transfers": transfers,
+        "totals": {
+            "players": st.iter().map(|x| x.sessions.get()).sum::<i64>(),
+            "transfers_ok": sum(&|x| x.transfers_ok.get()),
+            "transfers_failed": sum(&|x| x.transfers_failed.get()),
+            "switch_ms": {"p50": ms(0.5), "p99": ms(0.99)},
+            "preconnects": sum(&|x| x.preconnects.get()),
+            "preconnect_hits": sum(&|x| x.preconnect_hits.get()),
+            "heartbeats": reg.heartbeats.load(std::sync::atomic::Ordering::Relaxed),
+        },
     })
 }
 

@@ -409,10 +409,10 @@ impl Registry {
     pub fn set_draining(&self, id: &str, draining: bool) -> bool {
         let mut st = lock(&self.state);
         let Some(e) = st.servers.iter_mut().find(|e| e.server.id == id) else { return false };
+        // A draining server's every heartbeat answer carries PrepareShutdown
+        // (see `heartbeat`).
         e.server.status = if draining { Status::Draining } else { Status::Up };
-        if draining {
-            e.commands.push(json!({"type": "PrepareShutdown", "deadline_secs": 30}));
-        } else {
+        if !draining {
             e.last_heartbeat = Instant::now();
         }
         self.publish(&mut st);

@@ -131,8 +131,9 @@ pub(crate) async fn run_reader(s: Rc<Session>, mut d: Downstream, wait: Option<o
         if fed == out.len() {
             match read_more(&mut d.r, &mut out, BUF_SIZE + 256).await {
                 Ok(n) if n > 0 => {}
-                _ => {
+                r => {
                     // End of stream (or reset) without a close.
+                    tracing::debug!(player = %s.player.id, result = ?r.map_err(|e| e.to_string()), retiring = d.link.retiring.get(), "upstream: game server connection ended");
                     clean_end = dec.at_message_boundary();
                     break;
                 }

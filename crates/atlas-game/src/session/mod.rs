@@ -171,6 +171,25 @@ fn text_frame(text: &str, masked: bool) -> Vec<u8> {
     out
 }
 
+/// Shuts a socket down after `delay`. The descriptor is duplicated now, so
+/// the shutdown reaches this socket even if its number was closed and
+/// reused by another connection meanwhile (the duplicate keeps the socket
+/// alive until then).
+pub(crate) fn shutdown_later(fd: RawFd, delay: Duration) {
+    // SAFETY: dup of a descriptor number; on failure nothing is done.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return;
+    }
+    // SAFETY: `dup` is a fresh descriptor owned here.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+    monoio::spawn(async move {
+        monoio::time::sleep(delay).await;
+        shutdown_fd(std::os::fd::AsRawFd::as_raw_fd(&owned));
+        drop(owned);
+    });
+}
+
 impl Session {
     fn stats(&self) -> &'static GameStats {
         slot(self.w)
@@ -205,24 +224,17 @@ impl Session {
         }
         tracing::debug!(player = %self.player.id, code, why, "closing the player's session");
         self.try_send_client(close_frame(code, why, false));
-        let fds: Vec<RawFd> = self.backend.borrow().iter().map(|b| b.link.fd).collect();
-        let client = self.client_fd;
-        monoio::spawn(async move {
-            monoio::time::sleep(Duration::from_millis(200)).await;
-            fds.iter().for_each(|&fd| shutdown_fd(fd));
-            shutdown_fd(client);
-        });
+        for b in self.backend.borrow().iter() {
+            shutdown_later(b.link.fd, Duration::from_millis(200));
+        }
+        shutdown_later(self.client_fd, Duration::from_millis(200));
     }
 
     /// The server closed the player (its close was relayed): the client
     /// answers, then everything ends.
     fn server_closed(&self) {
         self.closing.set(true);
-        let client = self.client_fd;
-        monoio::spawn(async move {
-            monoio::time::sleep(Duration::from_secs(5)).await;
-            shutdown_fd(client);
-        });
+        shutdown_later(self.client_fd, Duration::from_secs(5));
     }
 
     /// The current server's connection ended without a close.
@@ -757,7 +769,8 @@ where
 /// The only writer of the client socket.
 async fn client_writer<W: AsyncWriteRent>(mut w: W, mut rx: mpsc::bounded::Rx<Vec<u8>>, fd: RawFd) {
     while let Some(mut buf) = rx.recv().await {
-        if write_vec(&mut w, &mut buf).await.is_err() {
+        if let Err(e) = write_vec(&mut w, &mut buf).await {
+            tracing::debug!(error = %e, "client: write failed; closing");
             shutdown_fd(fd);
             break;
         }
@@ -779,7 +792,14 @@ async fn client_reader<R: AsyncReadRent>(s: Rc<Session>, mut r: R, mut buf: Vec<
         if buf.is_empty() {
             match read_more(&mut r, &mut buf, BUF_SIZE).await {
                 Ok(n) if n > 0 => {}
-                _ => break,
+                Ok(_) => {
+                    tracing::debug!(player = %s.player.id, "client: connection closed without a close frame");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(player = %s.player.id, error = %e, "client: read failed");
+                    break;
+                }
             }
         }
         s.last_in.set(Instant::now());
@@ -819,6 +839,7 @@ async fn client_reader<R: AsyncReadRent>(s: Rc<Session>, mut r: R, mut buf: Vec<
             }
             if s.pending.borrow().is_some() {
                 if s.send_backend(&mut buf, start..at, start_boundary).await.is_err() {
+                    tracing::debug!(player = %s.player.id, "upstream: no game server to forward to; closing");
                     failed = true;
                     break;
                 }
@@ -829,6 +850,7 @@ async fn client_reader<R: AsyncReadRent>(s: Rc<Session>, mut r: R, mut buf: Vec<
         }
         let end = buf.len();
         if !failed && s.send_backend(&mut buf, start..end, start_boundary).await.is_err() {
+            tracing::debug!(player = %s.player.id, "upstream: no game server to forward to; closing");
             failed = true;
         }
         s.at_boundary.set(dec.at_message_boundary());
@@ -842,13 +864,9 @@ async fn client_reader<R: AsyncReadRent>(s: Rc<Session>, mut r: R, mut buf: Vec<
             // The client closed: its close went to the server, whose answer
             // ends the session. Wait no longer than 5 s for it.
             s.closing.set(true);
-            let fd = s.backend.borrow().as_ref().map(|b| b.link.fd);
-            monoio::spawn(async move {
-                monoio::time::sleep(Duration::from_secs(5)).await;
-                if let Some(fd) = fd {
-                    shutdown_fd(fd);
-                }
-            });
+            if let Some(b) = s.backend.borrow().as_ref() {
+                shutdown_later(b.link.fd, Duration::from_secs(5));
+            }
             break;
         }
     }
@@ -857,12 +875,12 @@ async fn client_reader<R: AsyncReadRent>(s: Rc<Session>, mut r: R, mut buf: Vec<
         // The client went away without a close: tell the server.
         s.closing.set(true);
         if let Some(mut up) = s.backend.borrow_mut().take() {
-            let fd = up.link.fd;
             monoio::spawn(async move {
                 let mut f = close_frame(1001, "client went away", true);
                 let _ = monoio::time::timeout(Duration::from_secs(1), write_vec(&mut up.w, &mut f)).await;
-                monoio::time::sleep(Duration::from_secs(1)).await;
-                shutdown_fd(fd);
+                // The writer is still held here, so the socket is open.
+                shutdown_later(up.link.fd, Duration::from_secs(1));
+                drop(up);
             });
         }
     }

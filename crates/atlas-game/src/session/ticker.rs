@@ -9,9 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use atlas_proxy::drain::Drain;
-use atlas_proxy::io::shutdown_fd;
 
-use super::{close_frame, control_frame, Reason, Session};
+use super::{control_frame, Reason, Session};
 use crate::registry::registry;
 use crate::spatial;
 use crate::ws::frame::Opcode;
@@ -102,5 +101,4 @@ async fn run() {
         }
     }
     RUNNING.with(|r| r.set(false));
-    let _ = (close_frame, shutdown_fd);
 }

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Game gateway benchmarks (scripts/bench-game). Not a test; never gates CI.
+
+1. WebSocket relay: 64-byte binary messages echoed by a WS echo server,
+   through Atlas (game mode, one worker) and through nginx's WebSocket
+   proxy (one worker), both pinned to CPU 1; load tool and echo server on
+   CPU 0. Interleaved runs; medians of msgs/s and proxy CPU us/msg
+   (utime+stime from /proc/PID/stat over the measured window).
+2. Transfers: players walk back and forth across a region border with
+   numbered messages, each echoed; reports transfers, switch time p50/p99
+   (Atlas's histogram, interpolated) and messages lost or out of order.
+3. Idle sessions: SESSIONS idle proxied WebSocket sessions; Atlas's RSS
+   growth per session (VmRSS before and after).
+
+Knobs (environment): RUNS=3 SECS=5 CONNS=16 WINDOW=64 SESSIONS=9000
+PLAYERS=20 CROSSINGS=20.
+"""
+import os, re, shutil, subprocess, sys, tempfile, time, statistics, urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATLAS = os.environ.get("ATLAS_BIN", os.path.join(ROOT, "target/release/atlas"))
+WSLOAD = os.path.join(ROOT, "target/release/examples/wsload")
+RUNS = int(os.environ.get("RUNS", 3)); SECS = float(os.environ.get("SECS", 5))
+CONNS = int(os.environ.get("CONNS", 16)); WINDOW = int(os.environ.get("WINDOW", 64))
+SESSIONS = int(os.environ.get("SESSIONS", 9000))
+PLAYERS = int(os.environ.get("PLAYERS", 20)); CROSSINGS = int(os.environ.get("CROSSINGS", 20))
+TICK = os.sysconf("SC_CLK_TCK")
+procs = []
+
+def start(cmd, cpu, log):
+    p = subprocess.Popen(["taskset", "-c", str(cpu)] + cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    procs.append(p); return p
+
+def cpu_secs(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+def tree_cpu(pid):
+    pids = [pid] + [int(x) for x in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    return sum(cpu_secs(p) for p in pids)
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+def wait_port(port, t=10):
+    import socket
+    end = time.time() + t
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close(); return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} never opened")
+
+def metrics(api):
+    return urllib.request.urlopen(f"http://{api}/metrics", timeout=5).read().decode()
+
+def quantile(text, name, q):
+    buckets = [(float("inf") if le == "+Inf" else float(le), int(v)) for le, v in re.findall(rf'{name}_bucket{{le="([^"]+)"}} (\d+)', text)]
+    total = buckets[-1][1] if buckets else 0
+    if total == 0:
+        return None
+    want, prev_le, prev_n = q * total, 0.0, 0
+    for le, n in buckets:
+        if n >= want:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((want - prev_n) / max(n - prev_n, 1))
+        prev_le, prev_n = le, n
+
+def atlas_conf(tmp, port, api, extra=""):
+    path = os.path.join(tmp, f"atlas-{port}.toml")
+    open(path, "w").write(f'[listen]\naddress = "127.0.0.1:{port}"\nmode = "game"\nworkers = 1\n[limits]\nmax_connections = 0\n'
+                          f'[api]\naddress = "{api}"\n[spatial]\nhysteresis = 5.0\n{extra}\n')
+    return path
+
+def nginx_conf(tmp, port, backend):
+    path = os.path.join(tmp, "nginx-ws.conf")
+    open(path, "w").write(f"""worker_processes 1; daemon off; master_process off; pid {tmp}/nginx.pid; error_log {tmp}/nginx-error.log warn;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 19000; use epoll; }}
+http {{ access_log off; client_body_temp_path {tmp}/b; proxy_temp_path {tmp}/p; fastcgi_temp_path {tmp}/f; uwsgi_temp_path {tmp}/u; scgi_temp_path {tmp}/s;
+  server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://{backend}; proxy_http_version 1.1;
+    proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection "upgrade"; proxy_read_timeout 3600s; proxy_buffering off; }} }} }}
+""")
+    return path
+
+def relay(port, pid):
+    c0 = tree_cpu(pid)
+    out = subprocess.run(["taskset", "-c", "0", WSLOAD, "relay", f"127.0.0.1:{port}", str(CONNS), str(SECS), "64", str(WINDOW)],
+                         capture_output=True, text=True, timeout=SECS * 3 + 30).stdout
+    c1 = tree_cpu(pid)
+    m = re.search(r"msgs (\d+) secs ([\d.]+) msgs_per_sec (\d+)", out)
+    if not m:
+        raise SystemExit(f"relay failed: {out}")
+    msgs = int(m.group(1)); secs = float(m.group(2))
+    # CPU over the whole run (warm-up included) divided by messages over the
+    # whole run, estimated from the measured rate.
+    total_msgs = int(m.group(3)) * (SECS * 1.1)
+    return int(m.group(3)), (c1 - c0) * 1e6 / max(total_msgs, 1)
+
+def main():
+    for b in (ATLAS, WSLOAD):
+        if not os.path.exists(b):
+            raise SystemExit(f"{b} missing: cargo build --release -p atlas --bin atlas --example wsload")
+    tmp = tempfile.mkdtemp(prefix="atlas-bench-game-")
+    try:
+        api = "127.0.0.1:19201"
+        atlas = start([ATLAS, atlas_conf(tmp, 19200, api, 'predict_horizon = "0s"'), "--takeover-socket", f"{tmp}/t.sock"], 1, f"{tmp}/atlas.log")
+        wait_port(19200); wait_port(19201)
+        start([WSLOAD, "echo", "127.0.0.1:19210", api, "a", "0"], 0, f"{tmp}/echo-a.log")
+        start([WSLOAD, "echo", "127.0.0.1:19211", api, "b", "1"], 0, f"{tmp}/echo-b.log")
+        wait_port(19210); wait_port(19211); time.sleep(0.3)
+        targets = [("atlas", 19200, atlas.pid)]
+        if shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"):
+            ng = shutil.which("nginx") or "/usr/sbin/nginx"
+            n = start([ng, "-p", tmp, "-c", nginx_conf(tmp, 19220, "127.0.0.1:19210")], 1, f"{tmp}/nginx.log")
+            wait_port(19220)
+            targets.append(("nginx", 19220, n.pid))
+        res = {name: [] for name, _, _ in targets}
+        for r in range(RUNS):
+            for name, port, pid in targets:
+                res[name].append(relay(port, pid))
+                print(f"  run {r + 1} {name}: {res[name][-1][0]} msgs/s, {res[name][-1][1]:.2f} us/msg", flush=True)
+        print(f"\nWebSocket relay, 64-byte messages, {CONNS} connections x window {WINDOW}, {SECS:.0f} s x {RUNS} runs (medians)")
+        print(f"{'proxy':8} {'msgs/s':>10} {'CPU us/msg':>11}")
+        med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in res.items()}
+        for k, (rate, cpu) in med.items():
+            print(f"{k:8} {rate:>10.0f} {cpu:>11.2f}")
+        if "nginx" in med:
+            print(f"atlas/nginx: throughput x{med['atlas'][0] / med['nginx'][0]:.2f}, CPU per message x{med['nginx'][1] / med['atlas'][1]:.2f} less")
+
+        # Transfers.
+        for label, extra in (("prediction off", None), ("prediction on (500ms)", "predict")):
+            if extra:
+                atlas.terminate(); atlas.wait()
+                atlas = start([ATLAS, atlas_conf(tmp, 19200, api, 'predict_horizon = "500ms"'), "--takeover-socket", f"{tmp}/t2.sock"], 1, f"{tmp}/atlas2.log")
+                wait_port(19200); wait_port(19201)
+                for name, port, cx in (("a", 19212, 0), ("b", 19213, 1)):
+                    start([WSLOAD, "echo", f"127.0.0.1:{port}", api, name, str(cx)], 0, f"{tmp}/echo2-{name}.log")
+                    wait_port(port)
+                time.sleep(0.3)
+            out = subprocess.run(["taskset", "-c", "0", WSLOAD, "walk", "127.0.0.1:19200", str(PLAYERS), str(CROSSINGS)], capture_output=True, text=True, timeout=600).stdout
+            m = metrics(api)
+            ok = re.search(r'atlas_game_transfers_total{result="ok"} (\d+)', m).group(1)
+            failed = re.search(r'atlas_game_transfers_total{result="failed"} (\d+)', m).group(1)
+            hits = re.search(r"atlas_game_preconnect_hits_total (\d+)", m).group(1)
+            p50 = quantile(m, "atlas_game_transfer_switch_seconds", 0.5); p99 = quantile(m, "atlas_game_transfer_switch_seconds", 0.99)
+            print(f"\nTransfers ({label}): {PLAYERS} players x {CROSSINGS} crossings: {out.strip()}; transfers ok {ok}, failed {failed}, "
+                  f"pre-connect hits {hits}; switch p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms (histogram-interpolated)")
+
+        # Idle sessions: RSS per session.
+        before = rss_kib(atlas.pid)
+        idle = subprocess.Popen(["taskset", "-c", "0", WSLOAD, "idle", "127.0.0.1:19200", str(SESSIONS), "30"], stdout=subprocess.PIPE, text=True)
+        line = idle.stdout.readline()
+        n = int(re.search(r"open (\d+)", line).group(1)) if line else 0
+        time.sleep(2)
+        after = rss_kib(atlas.pid)
+        idle.kill(); idle.wait()
+        print(f"\nIdle sessions: {n} open; Atlas RSS {before} KiB -> {after} KiB: {(after - before) / max(n, 1):.2f} KiB per session")
+    finally:
+        for p in procs:
+            try:
+                p.kill()
+            except Exception:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+if __name__ == "__main__":
+    main()
