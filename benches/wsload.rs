@@ -110,7 +110,8 @@ fn connect(target: SocketAddr, path: &str) -> std::io::Result<(TcpStream, Vec<u8
 fn echo_conn(mut s: TcpStream) {
     let _ = s.set_nodelay(true);
     let Ok((head, mut buf)) = read_head(&mut s) else { return };
-    let key = head.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ").or_else(|| l.strip_prefix("sec-websocket-key: "))).unwrap_or("").trim().to_string();
+    let key =
+        head.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ").or_else(|| l.strip_prefix("sec-websocket-key: "))).unwrap_or("").trim().to_string();
     let accept = accept_key(&key);
     let resp = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
     if s.write_all(resp.as_bytes()).is_err() {
@@ -205,7 +206,11 @@ fn accept_key(key: &str) -> String {
 
 fn http(api: &str, method: &str, path: &str, body: &str) -> String {
     let Ok(mut s) = TcpStream::connect(api) else { return String::new() };
-    let _ = write!(s, "{method} {path} HTTP/1.1\r\nHost: atlas\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: atlas\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out

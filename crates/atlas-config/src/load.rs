@@ -126,7 +126,8 @@ fn table_array<T: DeserializeOwned>(diag: &mut Diag<'_>, root: &DeTable<'_>, key
     out
 }
 
-const SECTIONS: &[&str] = &["listen", "listeners", "upstreams", "routing", "static_files", "runtime", "api", "timeouts", "limits", "pool", "routes", "health", "spatial"];
+const SECTIONS: &[&str] =
+    &["listen", "listeners", "upstreams", "routing", "static_files", "runtime", "api", "timeouts", "limits", "pool", "routes", "health", "spatial"];
 
 pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
     let (doc, errors) = DeTable::parse_recoverable(diag.text);

@@ -242,9 +242,7 @@ pub fn handle(method: &str, path: &str, body: &[u8]) -> (u16, Value) {
             }
         }
         ("GET" | "HEAD", ["api", "v1", "world"]) => (200, world_json()),
-        (_, ["api", "v1", "transfers"] | ["transfer"]) => {
-            method_not_allowed(method, path, "POST")
-        }
+        (_, ["api", "v1", "transfers"] | ["transfer"]) => method_not_allowed(method, path, "POST"),
         _ => not_found(format!("no route for {method} {path}")),
     }
 }
@@ -317,7 +315,13 @@ mod tests {
     #[test]
     fn malformed_bodies_change_nothing() {
         let before = registry().servers_json().len();
-        for body in [&b""[..], b"{", b"[]", br#"{"name":"x"}"#, br#"{"name":"x","address":"127.0.0.1:1","region_coord":{"x":0,"y":0,"z":0},"center":{"x":0,"y":0,"z":0},"bounds":-1,"capacity":1}"#] {
+        for body in [
+            &b""[..],
+            b"{",
+            b"[]",
+            br#"{"name":"x"}"#,
+            br#"{"name":"x","address":"127.0.0.1:1","region_coord":{"x":0,"y":0,"z":0},"center":{"x":0,"y":0,"z":0},"bounds":-1,"capacity":1}"#,
+        ] {
             let (status, v) = handle("POST", "/api/v1/servers/register", body);
             assert_eq!(status, 400, "{v}");
             assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()));

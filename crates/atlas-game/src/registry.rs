@@ -353,7 +353,14 @@ impl Registry {
         atlas_observe::events::record(
             "info",
             "game",
-            format!("server {} ({}) {} at {} for region {:?}", server.id, server.name, if renewed { "re-registered" } else { "registered" }, server.address, server.region),
+            format!(
+                "server {} ({}) {} at {} for region {:?}",
+                server.id,
+                server.name,
+                if renewed { "re-registered" } else { "registered" },
+                server.address,
+                server.region
+            ),
         );
         Ok((Arc::new(server), renewed))
     }

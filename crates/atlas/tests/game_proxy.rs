@@ -87,11 +87,8 @@ fn seqs(s: &GameServer) -> Vec<u64> {
 
 /// Seqs received by all of `servers`, in the order they were received.
 fn seqs_by_time(servers: &[&GameServer]) -> Vec<u64> {
-    let mut all: Vec<(Instant, u64)> = servers
-        .iter()
-        .flat_map(|s| s.received())
-        .filter_map(|r| Some((r.at, serde_json::from_str::<Value>(&r.text).ok()?.get("seq")?.as_u64()?)))
-        .collect();
+    let mut all: Vec<(Instant, u64)> =
+        servers.iter().flat_map(|s| s.received()).filter_map(|r| Some((r.at, serde_json::from_str::<Value>(&r.text).ok()?.get("seq")?.as_u64()?))).collect();
     all.sort();
     all.into_iter().map(|(_, s)| s).collect()
 }
@@ -156,7 +153,9 @@ fn good_request(path: &str) -> String {
 /// (status line + headers, bytes read past the head).
 fn upgrade<S: Read + Write>(s: &mut S, host: &str, path: &str) -> (String, Vec<u8>, String) {
     let key = game::base64_encode(&game::random_bytes(16));
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).expect("send the upgrade request");
     s.flush().expect("flush the upgrade request");
     let mut buf = Vec::new();
@@ -720,7 +719,8 @@ fn forced_transfer_with_pipelined_messages_in_flight_keeps_order() {
         w
     });
     assert!(wait_for(Duration::from_secs(3), || a.received().len() >= 50));
-    let (status, v) = http_json(api(&atlas), "POST", "/api/v1/transfers", Some(&json!({"player_id": "pipe", "server_id": b.server_id().unwrap()})), &[]).unwrap();
+    let (status, v) =
+        http_json(api(&atlas), "POST", "/api/v1/transfers", Some(&json!({"player_id": "pipe", "server_id": b.server_id().unwrap()})), &[]).unwrap();
     assert_eq!(status, 202, "{v}");
     let acks = read_acks(&mut r, N as usize);
     let _w = writer.join().unwrap();
@@ -782,7 +782,8 @@ fn transfer_waits_for_the_end_of_a_fragmented_message() {
     assert_eq!(ack(&mut c, "first"), ("a".to_string(), 1));
     let msg = r#"{"type":"chat","seq":2,"text":"a message in three fragments"}"#.as_bytes();
     c.send_frame(false, OP_TEXT, &msg[..12], true);
-    let (status, v) = http_json(api(&atlas), "POST", "/api/v1/transfers", Some(&json!({"player_id": "frag", "server_id": b.server_id().unwrap()})), &[]).unwrap();
+    let (status, v) =
+        http_json(api(&atlas), "POST", "/api/v1/transfers", Some(&json!({"player_id": "frag", "server_id": b.server_id().unwrap()})), &[]).unwrap();
     assert_eq!(status, 202, "{v}");
     // Atlas connects to b, but must not switch inside the message.
     assert!(wait_for(Duration::from_secs(3), || b.connections().len() == 1), "no connection to b");
@@ -854,8 +855,7 @@ fn old_servers_in_flight_messages_arrive_before_the_new_servers() {
     for i in 0..PUSHES {
         assert!(a.push(0, &format!(r#"{{"type":"push","i":{i},"pad":"{pad}"}}"#)), "push {i}");
     }
-    let (status, v) =
-        http_json(api(&atlas), "POST", "/api/v1/transfers", Some(&json!({"player_id": "p8", "server_id": b.server_id().unwrap()})), &[]).unwrap();
+    let (status, v) = http_json(api(&atlas), "POST", "/api/v1/transfers", Some(&json!({"player_id": "p8", "server_id": b.server_id().unwrap()})), &[]).unwrap();
     assert_eq!(status, 202, "{v}");
     // The switch is done once a got Atlas's close (a's answer is still
     // behind the pushes on its socket).
@@ -908,10 +908,11 @@ fn predicted_crossing_preconnects_the_next_server() {
     let a = region_server(&atlas, "a", 0);
     let b = region_server(&atlas, "b", 1);
     let mut c = WsClient::connect(atlas.addr(), "/play?player_id=walker&x=600&y=500&z=500", &[]).expect("connect");
-    let mut b_conn: Option<(Instant, f64)> = None;
+    // When (and at which x) each of b's connections was first seen.
+    let mut b_conns: Vec<(Instant, f64)> = Vec::new();
     let steps = walk(&mut c, 1, 600.0, 1400.0, 10.0, |x| {
-        if b_conn.is_none() && !b.connections().is_empty() {
-            b_conn = Some((Instant::now(), x));
+        while b_conns.len() < b.connections().len() {
+            b_conns.push((Instant::now(), x));
         }
     });
     let who: Vec<String> = steps.iter().map(|(_, _, s)| s.clone()).collect();
@@ -919,15 +920,26 @@ fn predicted_crossing_preconnects_the_next_server() {
     assert_eq!(who.last().map(String::as_str), Some("b"));
     let crossed_at = steps.iter().find(|(_, _, s)| s == "b").map(|(_, x, _)| *x).unwrap();
     assert!(crossed_at > 1005.0 && crossed_at <= 1020.0, "switched at x={crossed_at}");
-    let (seen_at, seen_x) = b_conn.expect("b never got a connection");
-    assert!(seen_x < 1000.0, "b's connection opened at x={seen_x}, not ahead of the crossing");
-    let first_at_b = b.received().first().map(|r| r.at).expect("b received nothing");
-    let lead = first_at_b.saturating_duration_since(seen_at);
-    eprintln!("b pre-connected at x={seen_x}, {lead:?} before its first message (crossed at x={crossed_at})");
-    assert!(lead >= Duration::from_millis(200), "pre-connect only {lead:?} ahead");
-    assert_eq!(b.connections().len(), 1, "the transfer used the pre-connected connection");
-    assert_eq!(seqs_by_time(&[&a, &b]), (1..=81).collect::<Vec<_>>());
+    // The connection b's messages came on was open before the crossing.
+    let first = b.received().first().cloned().expect("b received nothing");
+    let (seen_at, seen_x) = *b_conns.get(first.conn).expect("b's connection was never seen during the walk");
+    assert!(seen_x < 1000.0, "b's connection {} opened at x={seen_x}, not ahead of the crossing at {crossed_at}", first.conn);
+    let lead = first.at.saturating_duration_since(seen_at);
     let text = metrics(&atlas);
+    eprintln!(
+        "b pre-connected (connection {} of {}) at x={seen_x}, {lead:?} before its first message (crossed at x={crossed_at}); pre-connects {}, hits {}, cancelled {}",
+        first.conn,
+        b_conns.len(),
+        metric(&text, "atlas_game_preconnects_total"),
+        metric(&text, "atlas_game_preconnect_hits_total"),
+        metric(&text, "atlas_game_preconnect_cancelled_total"),
+    );
+    assert!(lead >= Duration::from_millis(60), "pre-connect only {lead:?} ahead (a step is ~20 ms)");
+    if first.conn == 0 {
+        assert!(lead >= Duration::from_millis(200), "the first pre-connect was only {lead:?} ahead");
+    }
+    assert!(b.open_connections() == 1, "b has {} open connections", b.open_connections());
+    assert_eq!(seqs_by_time(&[&a, &b]), (1..=81).collect::<Vec<_>>());
     assert!(metric(&text, "atlas_game_preconnects_total") >= 1.0, "{text}");
     assert!(metric(&text, "atlas_game_preconnect_hits_total") >= 1.0, "{text}");
     assert_eq!(metric(&text, "atlas_game_transfers_total{result=\"ok\"}"), 1.0);

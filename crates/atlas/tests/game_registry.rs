@@ -29,9 +29,7 @@ use serde_json::{json, Value};
 /// A game listener and its API on ephemeral ports; `spatial` goes into
 /// `[spatial]` (after `region_size`), `api` into `[api]`.
 fn config_with(spatial: &str, api: &str) -> String {
-    format!(
-        "[listen]\naddress = \"127.0.0.1:0\"\nmode = \"game\"\n\n[api]\naddress = \"127.0.0.1:0\"\n{api}\n\n[spatial]\nregion_size = 1000.0\n{spatial}\n"
-    )
+    format!("[listen]\naddress = \"127.0.0.1:0\"\nmode = \"game\"\n\n[api]\naddress = \"127.0.0.1:0\"\n{api}\n\n[spatial]\nregion_size = 1000.0\n{spatial}\n")
 }
 
 fn config(spatial: &str) -> String {
@@ -342,9 +340,10 @@ fn malformed_registrations_get_400_and_register_nothing() {
         assert!(!error_text(&json).is_empty(), "{what}: a non-empty error string expected in {text}");
     }
     // Seed shape: missing server_id, bounds_size zero.
-    for body in [json!({"address": "127.0.0.1:1", "region": {"x":0,"y":0,"z":0}, "center": {"x":0,"y":0,"z":0}, "bounds_size": 10.0}),
-                 json!({"server_id": "s", "address": "127.0.0.1:1", "region": {"x":0,"y":0,"z":0}, "center": {"x":0,"y":0,"z":0}, "bounds_size": 0.0})]
-    {
+    for body in [
+        json!({"address": "127.0.0.1:1", "region": {"x":0,"y":0,"z":0}, "center": {"x":0,"y":0,"z":0}, "bounds_size": 10.0}),
+        json!({"server_id": "s", "address": "127.0.0.1:1", "region": {"x":0,"y":0,"z":0}, "center": {"x":0,"y":0,"z":0}, "bounds_size": 0.0}),
+    ] {
         let (status, v) = call(api, "POST", "/servers/register", Some(&body));
         assert_eq!(status, 400, "{body} -> {v}");
         assert!(!error_text(&v).is_empty(), "{v}");

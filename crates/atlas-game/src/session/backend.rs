@@ -89,11 +89,7 @@ pub(crate) async fn connect(hs: &ClientHandshake, server: &Arc<Server>, extra: &
                     give_buf(buf);
                     let link = Rc::new(Link { fd: tcp.as_raw_fd(), retiring: Cell::new(false), finished: Cell::new(false) });
                     let (r, w) = tcp.into_split();
-                    return Ok(Conn {
-                        up: Upstream { server: server.clone(), w, link: link.clone() },
-                        down: Downstream { r, leftover, link },
-                        protocol,
-                    });
+                    return Ok(Conn { up: Upstream { server: server.clone(), w, link: link.clone() }, down: Downstream { r, leftover, link }, protocol });
                 }
                 Ok(httparse::Status::Partial) if buf.len() < 16 * 1024 => {}
                 Ok(_) => return Err("handshake answer too large".to_string()),

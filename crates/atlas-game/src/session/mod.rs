@@ -433,9 +433,11 @@ impl Session {
                         // The old server is gone too: try another, else give up.
                         let p = s.last_pos.get().unwrap_or(target.center);
                         let world = registry().world();
-                        let next = world.servers.iter().filter(|x| spatial::open(x) && x.id != target.id && x.id != from).min_by(|a, b| {
-                            spatial::distance(a, p).total_cmp(&spatial::distance(b, p))
-                        });
+                        let next = world
+                            .servers
+                            .iter()
+                            .filter(|x| spatial::open(x) && x.id != target.id && x.id != from)
+                            .min_by(|a, b| spatial::distance(a, p).total_cmp(&spatial::distance(b, p)));
                         match next {
                             Some(n) => s.start_transfer(n.clone(), Reason::Lost),
                             None => s.fail(1012, "no game server available; reconnect"),
@@ -606,8 +608,8 @@ async fn refuse<S: AsyncWriteRent>(client: &mut S, status: u16, why: &str, extra
         _ => "Error",
     };
     let body = format!("{why}\n");
-    let mut out =
-        format!("HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}", body.len()).into_bytes();
+    let mut out = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}", body.len())
+        .into_bytes();
     let _ = write_vec(client, &mut out).await;
     let _ = client.shutdown().await;
 }
@@ -696,7 +698,11 @@ where
                 tracing::info!(player = %id, server = %server.id, error = %e, "upstream: cannot open the player's game server connection (trying another)");
                 tried.push(server.id.clone());
                 let p = start.unwrap_or(server.center);
-                let next = world.servers.iter().filter(|s| spatial::open(s) && !tried.contains(&s.id)).min_by(|a, b| spatial::distance(a, p).total_cmp(&spatial::distance(b, p)));
+                let next = world
+                    .servers
+                    .iter()
+                    .filter(|s| spatial::open(s) && !tried.contains(&s.id))
+                    .min_by(|a, b| spatial::distance(a, p).total_cmp(&spatial::distance(b, p)));
                 match next {
                     Some(n) if tried.len() < 3 => server = n.clone(),
                     _ => {

@@ -95,7 +95,11 @@ async fn run() {
                 continue;
             }
             let ping = settings.spatial.ping_interval;
-            if !ping.is_zero() && now.duration_since(s.last_out.get()) >= ping && !s.pinged.get() && s.try_send_client(control_frame(Opcode::Ping, b"atlas", false)) {
+            if !ping.is_zero()
+                && now.duration_since(s.last_out.get()) >= ping
+                && !s.pinged.get()
+                && s.try_send_client(control_frame(Opcode::Ping, b"atlas", false))
+            {
                 s.pinged.set(true);
             }
         }
