@@ -174,7 +174,7 @@ fn unknown_option_exits_2() {
 }
 
 #[test]
-fn no_config_runs_embedded_default_with_health_and_stub() {
+fn no_config_runs_embedded_default_game_gateway_with_health() {
     let mut cmd = Command::new(BIN);
     cmd.env("ATLAS_PROXY_ADDR", "127.0.0.1:0").env("ATLAS_API_ADDR", "127.0.0.1:0");
     let atlas = Atlas::spawn(cmd, None, 1, true);
@@ -185,6 +185,13 @@ fn no_config_runs_embedded_default_with_health_and_stub() {
     let body: String = r.text().chars().filter(|c| !c.is_whitespace()).collect();
     assert!(body.contains(r#""status":"ok""#), "health body: {}", r.text());
 
+    // The proxy port is the game gateway: a plain GET is not a WebSocket
+    // handshake (400); a handshake with no game server registered gets 503.
     let r = one_shot(atlas.addr(), "GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(r.status, 400, "{}", r.head);
+    let r = one_shot(
+        atlas.addr(),
+        "GET /play HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    );
     assert_eq!(r.status, 503, "{}", r.head);
 }

@@ -16,10 +16,18 @@
 //! - predictive pre-connect (hits, cancellation, hit rate);
 //! - auto-scale requests to a fake Maestro;
 //! - keepalive pings and idle timeouts;
-//! - 5000 pipelined messages each way;
+//! - 5000 pipelined messages each way, and messages pipelined through a
+//!   transfer or a border crossing;
 //! - the game listener over TLS.
 //!
-//! Every wait is a bounded poll (`game::wait_for`) or a socket timeout.
+//! Every wait is a bounded poll (`game::wait_for`) or a socket timeout. The
+//! prediction tests (timing-sensitive) and the heaviest test run one at a
+//! time (`serial()`).
+//!
+//! Known bug, its test ignored: a complete, valid client message that
+//! Atlas reads in the same buffer as a following bad frame is dropped
+//! instead of forwarded before the session fails
+//! (`a_good_message_in_the_same_segment_as_a_bad_frame_is_delivered`).
 
 mod common;
 #[path = "support/game.rs"]
@@ -538,7 +546,6 @@ fn bad_control_frames_and_fragment_sequences_are_closed_1002() {
 }
 
 #[test]
-#[ignore = "BUG: a valid client message read together with a following bad frame is dropped (client_reader fails the session before forwarding the buffer's complete messages)"]
 fn a_good_message_in_the_same_segment_as_a_bad_frame_is_delivered() {
     // Message 2 is complete and valid; the frame after it is not. Whether
     // both arrive in one read must not decide whether message 2 is lost.
@@ -882,28 +889,55 @@ fn old_servers_in_flight_messages_arrive_before_the_new_servers() {
 // 9. Predictive pre-connect
 // ---------------------------------------------------------------------------
 
-/// Walks from x0 to x1 (inclusive) in `step` units every 20 ms, reading
-/// each ack; calls `each(x)` after each step. Returns (seq, x, server).
-fn walk(c: &mut WsClient, seq0: u64, x0: f64, x1: f64, step: f64, mut each: impl FnMut(f64)) -> Vec<(u64, f64, String)> {
+/// Walks from x0 to x1 (inclusive) in `step` units every 20 ms (paced on
+/// a fixed schedule), reading each ack; calls `each(x)` after each step.
+/// Returns (seq, x, server) per step, and the longest gap between two sends
+/// while approaching the border at 1000 (x in 700..1000): the jitter the
+/// prediction saw.
+fn walk_timed(c: &mut WsClient, seq0: u64, x0: f64, x1: f64, step: f64, mut each: impl FnMut(f64)) -> (Vec<(u64, f64, String)>, Duration) {
     let n = ((x1 - x0) / step).round() as i64;
     let mut out = Vec::new();
+    let start = Instant::now();
+    let mut last_send: Option<Instant> = None;
+    let mut max_gap = Duration::ZERO;
     for i in 0..=n {
+        let due = start + Duration::from_millis(20) * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
         let x = x0 + step * i as f64;
         let seq = seq0 + i as u64;
+        let now = Instant::now();
+        if let Some(prev) = last_send.filter(|_| (700.0..1000.0).contains(&x)) {
+            max_gap = max_gap.max(now - prev);
+        }
+        last_send = Some(now);
         c.send_text(&move_msg(seq, x, 500.0, 500.0));
         let (srv, s) = ack(c, &format!("move to x={x}"));
         assert_eq!(s, seq, "acks in order");
         out.push((seq, x, srv));
         each(x);
-        thread::sleep(Duration::from_millis(20));
     }
-    out
+    (out, max_gap)
+}
+
+fn walk(c: &mut WsClient, seq0: u64, x0: f64, x1: f64, step: f64, each: impl FnMut(f64)) -> Vec<(u64, f64, String)> {
+    walk_timed(c, seq0, x0, x1, step, each).0
+}
+
+/// The prediction tests' figures depend on timing, and the heaviest tests
+/// disturb timing: these run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 const PREDICT: &str = "predict_horizon = \"500ms\"\n";
 
 #[test]
 fn predicted_crossing_preconnects_the_next_server() {
+    let _serial = serial();
     let atlas = Atlas::start(&config(PREDICT));
     let a = region_server(&atlas, "a", 0);
     let b = region_server(&atlas, "b", 1);
@@ -947,6 +981,7 @@ fn predicted_crossing_preconnects_the_next_server() {
 
 #[test]
 fn turning_back_cancels_the_preconnect_without_a_transfer() {
+    let _serial = serial();
     let atlas = Atlas::start(&config(PREDICT));
     let a = region_server(&atlas, "a", 0);
     let b = region_server(&atlas, "b", 1);
@@ -968,6 +1003,7 @@ fn turning_back_cancels_the_preconnect_without_a_transfer() {
 
 #[test]
 fn preconnect_hit_rate_over_ten_walking_players() {
+    let _serial = serial();
     let atlas = Atlas::start(&config(PREDICT));
     let a = region_server(&atlas, "a", 0);
     let b = region_server(&atlas, "b", 1);
@@ -977,20 +1013,26 @@ fn preconnect_hit_rate_over_ten_walking_players() {
             thread::spawn(move || {
                 thread::sleep(Duration::from_millis(p * 37));
                 let mut c = WsClient::connect(addr, &format!("/play?player_id=w{p}&x=600&y=500&z=500"), &[]).expect("connect");
-                let steps = walk(&mut c, 1, 600.0, 1400.0, 10.0, |_| {});
-                steps.last().map(|(_, _, s)| s.clone())
+                let (steps, gap) = walk_timed(&mut c, 1, 600.0, 1400.0, 10.0, |_| {});
+                (steps.last().map(|(_, _, s)| s.clone()), gap)
             })
         })
         .collect();
+    let mut gaps = Vec::new();
     for h in players {
-        assert_eq!(h.join().expect("player thread").as_deref(), Some("b"));
+        let (last, gap) = h.join().expect("player thread");
+        assert_eq!(last.as_deref(), Some("b"));
+        gaps.push(gap.as_millis());
     }
     let text = metrics(&atlas);
     let pre = metric(&text, "atlas_game_preconnects_total");
     let hits = metric(&text, "atlas_game_preconnect_hits_total");
+    let cancelled = metric(&text, "atlas_game_preconnect_cancelled_total");
     let rate = if pre > 0.0 { hits / pre } else { 0.0 };
-    eprintln!("pre-connect hit rate: {hits} hits / {pre} pre-connects = {rate:.2}");
-    assert!(pre >= 1.0 && rate >= 0.5, "hit rate {rate:.2} ({hits}/{pre})");
+    eprintln!(
+        "pre-connect hit rate: {hits} hits / {pre} pre-connects = {rate:.2} ({cancelled} cancelled; longest step per player near the border, ms: {gaps:?})"
+    );
+    assert!(pre >= 1.0 && rate >= 0.5, "hit rate {rate:.2} ({hits}/{pre}, {cancelled} cancelled; longest step per player near the border, ms: {gaps:?})");
     assert_eq!(metric(&text, "atlas_game_transfers_total{result=\"ok\"}"), 10.0);
     assert_eq!(a.received().len() + b.received().len(), 810);
 }
@@ -1165,19 +1207,14 @@ fn idle_timeout_closes_an_idle_client_but_not_an_active_one() {
 
 #[test]
 fn five_thousand_pipelined_messages_each_way_exactly_once_in_order() {
+    let _serial = serial();
     const N: u64 = 5000;
     const PUSHES: u64 = 2000;
     let atlas = Atlas::start(&config(""));
     let a = Arc::new(region_server(&atlas, "a", 0));
-    let mut s = TcpStream::connect(atlas.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (head, leftover, key) = upgrade(&mut s, "atlas.test", "/play?player_id=pipe&x=100&y=500&z=500");
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert_eq!(header_of(&head, "sec-websocket-accept"), Some(game::accept_key(&key)));
+    let (mut w, mut r) = raw_client(atlas.addr(), "/play?player_id=pipe&x=100&y=500&z=500");
     assert!(wait_for(Duration::from_secs(2), || a.open_connections() == 1));
     // Client -> server: all frames in one write, from another thread.
-    let mut w = s.try_clone().unwrap();
     let writer = thread::spawn(move || {
         let mut all = Vec::new();
         for seq in 1..=N {
@@ -1192,7 +1229,6 @@ fn five_thousand_pipelined_messages_each_way_exactly_once_in_order() {
             assert!(a2.push(0, &format!(r#"{{"type":"push","i":{i}}}"#)), "push {i}");
         }
     });
-    let mut r = BufReader::new(Cursor::new(leftover).chain(s));
     let (mut acks, mut pushes) = (Vec::new(), Vec::new());
     while (acks.len() as u64) < N || (pushes.len() as u64) < PUSHES {
         let f: Frame = game::read_frame(&mut r).unwrap_or_else(|e| panic!("after {} acks and {} pushes: {e}", acks.len(), pushes.len()));

@@ -830,6 +830,10 @@ async fn client_reader<R: AsyncReadRent>(s: Rc<Session>, mut r: R, mut buf: Vec<
         });
         s.stats().messages_in.add(cuts.len() as u64);
         if let Err(e) = res {
+            // The complete messages before the bad frame still go through.
+            if let Some(&(at, _)) = cuts.last() {
+                let _ = s.send_backend(&mut buf, 0..at, was_boundary).await;
+            }
             tracing::debug!(player = %s.player.id, peer = %s.peer, error = %e, "client: WebSocket protocol error; closing");
             s.fail(e.close_code(), "protocol error");
             break;
