@@ -24,10 +24,10 @@
 //! prediction tests (timing-sensitive) and the heaviest test run one at a
 //! time (`serial()`).
 //!
-//! Known bug, its test ignored: a complete, valid client message that
-//! Atlas reads in the same buffer as a following bad frame is dropped
-//! instead of forwarded before the session fails
-//! (`a_good_message_in_the_same_segment_as_a_bad_frame_is_delivered`).
+//! `a_good_message_in_the_same_segment_as_a_bad_frame_is_delivered` guards
+//! a bug this file found (fixed in 4d6440b): a complete, valid client
+//! message read in the same buffer as a following bad frame was dropped
+//! instead of forwarded before the session failed.
 
 mod common;
 #[path = "support/game.rs"]
