@@ -52,7 +52,7 @@ fn game(out: &mut String) {
     }
     family(out, "atlas_game_players", "gauge", "Players connected (open sessions).");
     let _ = writeln!(out, "atlas_game_players {}", stats().iter().map(|s| s.sessions.get()).sum::<i64>());
-    let counters: [(&str, &str, &dyn Fn(&GameStats) -> u64); 8] = [
+    let counters: [(&str, &str, &dyn Fn(&GameStats) -> u64); 7] = [
         ("atlas_game_sessions_total", "Player sessions opened.", &|s| s.sessions_total.get()),
         ("atlas_game_handshakes_refused_total", "Client handshakes refused (malformed, no server, server refused).", &|s| s.refused.get()),
         ("atlas_game_positions_total", "Positions read from client messages.", &|s| s.positions.get()),
@@ -60,13 +60,13 @@ fn game(out: &mut String) {
         ("atlas_game_preconnects_total", "Predictive pre-connects opened.", &|s| s.preconnects.get()),
         ("atlas_game_preconnect_hits_total", "Transfers that used a pre-connected server.", &|s| s.preconnect_hits.get()),
         ("atlas_game_preconnect_cancelled_total", "Pre-connects closed unused (the player turned back).", &|s| s.preconnect_cancelled.get()),
-        ("atlas_game_heartbeats_total", "Heartbeats received from game servers.", &|_| 0),
     ];
     for (name, help, f) in counters {
         family(out, name, "counter", help);
-        let v = if name == "atlas_game_heartbeats_total" { reg.heartbeats.load(Ordering::Relaxed) } else { sum(f) };
-        let _ = writeln!(out, "{name} {v}");
+        let _ = writeln!(out, "{name} {}", sum(f));
     }
+    family(out, "atlas_game_heartbeats_total", "counter", "Heartbeats received from game servers.");
+    let _ = writeln!(out, "atlas_game_heartbeats_total {}", reg.heartbeats.load(Ordering::Relaxed));
     family(out, "atlas_game_messages_total", "counter", "WebSocket data messages relayed, by direction.");
     let _ = writeln!(out, "atlas_game_messages_total{{direction=\"client_to_server\"}} {}", sum(&|s| s.messages_in.get()));
     let _ = writeln!(out, "atlas_game_messages_total{{direction=\"server_to_client\"}} {}", sum(&|s| s.messages_out.get()));

@@ -295,44 +295,34 @@ impl Registry {
             None => e.server.name == r.name && e.server.address == r.address,
         });
         let now = Instant::now();
-        let (server, renewed) = match existing {
+        // A re-registration keeps its id and its live player count.
+        let (id, live) = match existing {
+            Some(i) => (st.servers[i].server.id.clone(), st.servers[i].server.live.clone()),
+            None => (r.id.unwrap_or_else(new_id), Arc::new(AtomicI64::new(0))),
+        };
+        let server = Server {
+            id,
+            name: r.name,
+            address: r.address,
+            addr,
+            region: r.region,
+            center: r.center,
+            bounds: r.bounds,
+            capacity: r.capacity,
+            version: r.version,
+            metadata: r.metadata,
+            status: Status::Up,
+            accepting: true,
+            live,
+        };
+        let renewed = match existing {
             Some(i) => {
                 let e = &mut st.servers[i];
-                let live = e.server.live.clone();
-                e.server = Server {
-                    id: e.server.id.clone(),
-                    name: r.name,
-                    address: r.address,
-                    addr,
-                    region: r.region,
-                    center: r.center,
-                    bounds: r.bounds,
-                    capacity: r.capacity,
-                    version: r.version,
-                    metadata: r.metadata,
-                    status: Status::Up,
-                    accepting: true,
-                    live,
-                };
+                e.server = server.clone();
                 e.last_heartbeat = now;
-                (e.server.clone(), true)
+                true
             }
             None => {
-                let server = Server {
-                    id: r.id.unwrap_or_else(new_id),
-                    name: r.name,
-                    address: r.address,
-                    addr,
-                    region: r.region,
-                    center: r.center,
-                    bounds: r.bounds,
-                    capacity: r.capacity,
-                    version: r.version,
-                    metadata: r.metadata,
-                    status: Status::Up,
-                    accepting: true,
-                    live: Arc::new(AtomicI64::new(0)),
-                };
                 st.servers.push(Entry {
                     server: server.clone(),
                     last_heartbeat: now,
@@ -344,7 +334,7 @@ impl Registry {
                     registered_ms: atlas_observe::now_ms(),
                     commands: Vec::new(),
                 });
-                (server, false)
+                false
             }
         };
         self.publish(&mut st);

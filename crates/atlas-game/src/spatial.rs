@@ -40,7 +40,12 @@ pub fn route(world: &World, p: Point, exclude: Option<&str>) -> Option<(Arc<Serv
     if let Some(s) = inside {
         return Some((s.clone(), false));
     }
-    candidates().min_by(|a, b| distance(a, p).total_cmp(&distance(b, p))).map(|s| (s.clone(), true))
+    nearest_open(world, p, exclude.as_slice()).map(|s| (s, true))
+}
+
+/// The open server nearest to `p`, skipping the ids in `exclude`.
+pub fn nearest_open(world: &World, p: Point, exclude: &[&str]) -> Option<Arc<Server>> {
+    world.servers.iter().filter(|s| open(s) && !exclude.contains(&s.id.as_str())).min_by(|a, b| distance(a, p).total_cmp(&distance(b, p))).cloned()
 }
 
 /// Where a player without a known position starts: the least-filled open server.

@@ -140,8 +140,9 @@ impl Drop for Session {
     }
 }
 
-/// A frame Atlas writes itself (close, ping): masked towards a server.
-pub(crate) fn control_frame(op: Opcode, payload: &[u8], masked: bool) -> Vec<u8> {
+/// A whole frame Atlas writes itself (close, ping, a transfer notice):
+/// masked towards a server.
+pub(crate) fn own_frame(op: Opcode, payload: &[u8], masked: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 14);
     let mask = masked.then(|| fastrand::u32(..).to_be_bytes());
     encode_header(&mut out, true, 0, op, mask, payload.len() as u64);
@@ -156,19 +157,7 @@ pub(crate) fn control_frame(op: Opcode, payload: &[u8], masked: bool) -> Vec<u8>
 pub(crate) fn close_frame(code: u16, reason: &str, masked: bool) -> Vec<u8> {
     let mut p = code.to_be_bytes().to_vec();
     p.extend_from_slice(&reason.as_bytes()[..reason.len().min(120)]);
-    control_frame(Opcode::Close, &p, masked)
-}
-
-fn text_frame(text: &str, masked: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(text.len() + 14);
-    let mask = masked.then(|| fastrand::u32(..).to_be_bytes());
-    encode_header(&mut out, true, 0, Opcode::Text, mask, text.len() as u64);
-    let start = out.len();
-    out.extend_from_slice(text.as_bytes());
-    if let Some(k) = mask {
-        apply_mask(&mut out[start..], k, 0);
-    }
-    out
+    own_frame(Opcode::Close, &p, masked)
 }
 
 /// Shuts a socket down after `delay`. The descriptor is duplicated now, so
@@ -433,13 +422,8 @@ impl Session {
                         // The old server is gone too: try another, else give up.
                         let p = s.last_pos.get().unwrap_or(target.center);
                         let world = registry().world();
-                        let next = world
-                            .servers
-                            .iter()
-                            .filter(|x| spatial::open(x) && x.id != target.id && x.id != from)
-                            .min_by(|a, b| spatial::distance(a, p).total_cmp(&spatial::distance(b, p)));
-                        match next {
-                            Some(n) => s.start_transfer(n.clone(), Reason::Lost),
+                        match spatial::nearest_open(&world, p, &[&target.id, &from]) {
+                            Some(n) => s.start_transfer(n, Reason::Lost),
                             None => s.fail(1012, "no game server available; reconnect"),
                         }
                     }
@@ -479,7 +463,7 @@ impl Session {
         if let Some(old) = old {
             let notice = settings.spatial.transfer_messages.then(|| {
                 let msg = serde_json::json!({"type": "InitiateTransfer", "payload": {"player_id": self.player.id, "target_server": target.id, "token": serde_json::Value::Null}});
-                text_frame(&msg.to_string(), true)
+                own_frame(Opcode::Text, msg.to_string().as_bytes(), true)
             });
             monoio::spawn(retire(old, notice, settings.spatial.transfer_drain_timeout));
         }
@@ -698,13 +682,9 @@ where
                 tracing::info!(player = %id, server = %server.id, error = %e, "upstream: cannot open the player's game server connection (trying another)");
                 tried.push(server.id.clone());
                 let p = start.unwrap_or(server.center);
-                let next = world
-                    .servers
-                    .iter()
-                    .filter(|s| spatial::open(s) && !tried.contains(&s.id))
-                    .min_by(|a, b| spatial::distance(a, p).total_cmp(&spatial::distance(b, p)));
-                match next {
-                    Some(n) if tried.len() < 3 => server = n.clone(),
+                let excluded: Vec<&str> = tried.iter().map(String::as_str).collect();
+                match spatial::nearest_open(&world, p, &excluded) {
+                    Some(n) if tried.len() < 3 => server = n,
                     _ => {
                         slot(w).refused.inc();
                         refuse(&mut client, 502, "the game server did not accept the connection", "").await;

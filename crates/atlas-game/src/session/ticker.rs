@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use atlas_proxy::drain::Drain;
 
-use super::{control_frame, Reason, Session};
+use super::{own_frame, Reason, Session};
 use crate::registry::registry;
 use crate::spatial;
 use crate::ws::frame::Opcode;
@@ -95,10 +95,7 @@ async fn run() {
                 continue;
             }
             let ping = settings.spatial.ping_interval;
-            if !ping.is_zero()
-                && now.duration_since(s.last_out.get()) >= ping
-                && !s.pinged.get()
-                && s.try_send_client(control_frame(Opcode::Ping, b"atlas", false))
+            if !ping.is_zero() && now.duration_since(s.last_out.get()) >= ping && !s.pinged.get() && s.try_send_client(own_frame(Opcode::Ping, b"atlas", false))
             {
                 s.pinged.set(true);
             }
