@@ -42,6 +42,39 @@ pub fn give_buf(mut b: Vec<u8>) {
     });
 }
 
+/// Read buffer of a connection that is mostly idle or sends little: with
+/// io_uring a pending read owns its buffer until data comes, so an idle
+/// connection reading into a pooled [`BUF_SIZE`] buffer (dirty from earlier
+/// traffic) would keep 16 KiB resident per direction.
+pub const SMALL_BUF: usize = 2 * 1024;
+
+/// Whether the next read should get a big buffer, after a read of `last`
+/// bytes into a buffer of capacity `cap`: a small buffer that filled up
+/// means data is flowing; a big one stays while reads are at least half a
+/// small buffer (hysteresis, so a busy stream does not swap every read).
+fn wants_big(last: usize, cap: usize) -> bool {
+    last >= if cap >= BUF_SIZE { SMALL_BUF / 2 } else { SMALL_BUF }
+}
+
+/// A fresh empty buffer for the next read (see [`SMALL_BUF`]).
+pub fn next_read_buf(last: usize, cap: usize) -> Vec<u8> {
+    if wants_big(last, cap) {
+        take_buf()
+    } else {
+        Vec::with_capacity(SMALL_BUF)
+    }
+}
+
+/// Swaps the empty `buf` for a small or a big one as [`next_read_buf`]
+/// would choose, after a read of `last` bytes into it.
+pub fn refit_read_buf(buf: &mut Vec<u8>, last: usize) {
+    let cap = buf.capacity();
+    let keep = if wants_big(last, cap) { cap >= BUF_SIZE } else { (SMALL_BUF..=2 * SMALL_BUF).contains(&cap) };
+    if !keep {
+        give_buf(std::mem::replace(buf, next_read_buf(last, cap)));
+    }
+}
+
 /// Reads more bytes at the end of `buf`, growing it when full (up to `max`).
 /// Returns the number of bytes read (0: end of stream).
 pub async fn read_more<S: AsyncReadRent>(s: &mut S, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
@@ -334,3 +367,31 @@ impl ClientStream for monoio::net::TcpStream {
 }
 
 impl ClientStream for monoio_rustls::ServerTlsStream<monoio::net::TcpStream> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_reads_use_small_buffers_and_flowing_reads_big_ones() {
+        // A fresh connection's leftover (capacity 0) with nothing in it: small.
+        let mut b = Vec::new();
+        refit_read_buf(&mut b, 0);
+        assert_eq!(b.capacity(), SMALL_BUF);
+        // A small read keeps the small buffer (no churn).
+        let p = b.as_ptr();
+        refit_read_buf(&mut b, 100);
+        assert_eq!(b.as_ptr(), p);
+        // A read that filled it: data is flowing, go big.
+        refit_read_buf(&mut b, SMALL_BUF);
+        assert!(b.capacity() >= BUF_SIZE);
+        // Big stays big for reads of half a small buffer or more ...
+        refit_read_buf(&mut b, SMALL_BUF / 2);
+        assert!(b.capacity() >= BUF_SIZE);
+        // ... and goes back to small when reads shrink.
+        refit_read_buf(&mut b, 10);
+        assert_eq!(b.capacity(), SMALL_BUF);
+        assert!(next_read_buf(SMALL_BUF, SMALL_BUF).capacity() >= BUF_SIZE);
+        assert_eq!(next_read_buf(SMALL_BUF - 1, SMALL_BUF).capacity(), SMALL_BUF);
+    }
+}

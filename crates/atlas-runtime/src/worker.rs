@@ -307,27 +307,34 @@ async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
         let hold = drain.hold();
         let stats = ctx.stats.clone();
         let conn_gauge = ActiveConn::new(stats, w);
-        monoio::spawn(async move {
-            let _slots = (listener_slot, ip_slot, hold, conn_gauge);
-            match (&ctx.tls, ctx.mode) {
-                (None, Mode::Http | Mode::Static) => {
-                    let fd = stream.as_raw_fd();
-                    atlas_proxy::http::serve(ctx, stream, peer, fd).await
-                }
-                (None, Mode::Tcp) => atlas_proxy::tcp::serve_plain(ctx, stream, peer).await,
-                (None, Mode::Game) => {
-                    let fd = stream.as_raw_fd();
-                    atlas_game::session::serve(ctx, stream, peer, fd).await
-                }
-                (None, Mode::Firehose) => not_yet(stream).await,
-                (Some(acceptor), _) => {
-                    let acceptor = acceptor.clone();
-                    serve_tls(ctx, acceptor, stream, peer).await
-                }
+        let slots = (listener_slot, ip_slot, hold, conn_gauge);
+        // One task per connection, sized for its own mode's future: a single
+        // async block over every mode would be as large as the largest (the
+        // TLS one, about 12 KiB), paid by every idle connection.
+        match (ctx.tls.clone(), ctx.mode) {
+            (None, Mode::Http | Mode::Static) => {
+                let fd = stream.as_raw_fd();
+                spawn_conn(slots, atlas_proxy::http::serve(ctx, stream, peer, fd))
             }
-        });
+            (None, Mode::Tcp) => spawn_conn(slots, atlas_proxy::tcp::serve_plain(ctx, stream, peer)),
+            (None, Mode::Game) => {
+                let fd = stream.as_raw_fd();
+                spawn_conn(slots, atlas_game::session::serve(ctx, stream, peer, fd))
+            }
+            (None, Mode::Firehose) => spawn_conn(slots, not_yet(stream)),
+            (Some(acceptor), _) => spawn_conn(slots, serve_tls(ctx, acceptor, stream, peer)),
+        }
     }
     tracing::debug!(listener = %ctx.name, "stopped accepting");
+}
+
+/// Runs one connection's handler in its own task, holding its admission
+/// slots until it ends.
+fn spawn_conn<T: 'static, F: std::future::Future<Output = ()> + 'static>(slots: T, f: F) {
+    monoio::spawn(async move {
+        let _slots = slots;
+        f.await
+    });
 }
 
 /// TLS handshake (bounded by the header timeout), then the mode's handler

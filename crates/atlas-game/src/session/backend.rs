@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atlas_proxy::io::{give_buf, read_more, shutdown_fd, take_buf, write_vec, BUF_SIZE};
+use atlas_proxy::io::{give_buf, next_read_buf, read_more, shutdown_fd, take_buf, write_vec, BUF_SIZE};
 use local_sync::oneshot;
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
@@ -75,31 +75,40 @@ pub(crate) async fn connect(hs: &ClientHandshake, server: &Arc<Server>, extra: &
             if n == 0 {
                 return Err("closed during the handshake".to_string());
             }
-            let mut h = [httparse::EMPTY_HEADER; 32];
-            let mut res = httparse::Response::new(&mut h);
-            match res.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    check_backend_response(&res, &key)?;
-                    let protocol = res
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-protocol"))
-                        .map(|h| String::from_utf8_lossy(h.value).into_owned());
+            match parse_answer(&buf, &key)? {
+                Some((len, protocol)) => {
                     let leftover = buf.split_off(len);
                     give_buf(buf);
                     let link = Rc::new(Link { fd: tcp.as_raw_fd(), retiring: Cell::new(false), finished: Cell::new(false) });
                     let (r, w) = tcp.into_split();
                     return Ok(Conn { up: Upstream { server: server.clone(), w, link: link.clone() }, down: Downstream { r, leftover, link }, protocol });
                 }
-                Ok(httparse::Status::Partial) if buf.len() < 16 * 1024 => {}
-                Ok(_) => return Err("handshake answer too large".to_string()),
-                Err(e) => return Err(format!("malformed handshake answer: {e}")),
+                None if buf.len() < 16 * 1024 => {}
+                None => return Err("handshake answer too large".to_string()),
             }
         }
     };
     match monoio::time::timeout(timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(format!("no handshake answer from {} within {timeout:?}", server.addr)),
+    }
+}
+
+/// Checks the server's answer to the upgrade: `Some((head length, the
+/// chosen subprotocol))` when complete, `None` when more is needed. A plain
+/// function so httparse's header array is not kept in the session's task.
+fn parse_answer(buf: &[u8], key: &str) -> Result<Option<(usize, Option<String>)>, String> {
+    let mut h = [httparse::EMPTY_HEADER; 32];
+    let mut res = httparse::Response::new(&mut h);
+    match res.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            check_backend_response(&res, key)?;
+            let protocol =
+                res.headers.iter().find(|h| h.name.eq_ignore_ascii_case("sec-websocket-protocol")).map(|h| String::from_utf8_lossy(h.value).into_owned());
+            Ok(Some((len, protocol)))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(format!("malformed handshake answer: {e}")),
     }
 }
 
@@ -117,7 +126,9 @@ pub(crate) async fn run_reader(s: Rc<Session>, mut d: Downstream, wait: Option<o
     let max = s.settings.borrow().spatial.max_frame_bytes;
     let mut dec = Decoder::new(Sender::Server, 0, max);
     // out[..fed] was decoded; out[..held_end] is not forwarded yet.
-    let mut out = if d.leftover.is_empty() { take_buf() } else { std::mem::take(&mut d.leftover) };
+    let mut out = if d.leftover.is_empty() { next_read_buf(0, 0) } else { std::mem::take(&mut d.leftover) };
+    // The last read's size and its buffer's capacity (picks the next buffer).
+    let mut last = (0, 0);
     let mut fed = 0;
     let mut clean_end = true;
     // The frame being decoded is a control frame (kept across reads).
@@ -125,8 +136,9 @@ pub(crate) async fn run_reader(s: Rc<Session>, mut d: Downstream, wait: Option<o
     let mut error: Option<u16> = None;
     loop {
         if fed == out.len() {
+            let cap = out.capacity();
             match read_more(&mut d.r, &mut out, BUF_SIZE + 256).await {
-                Ok(n) if n > 0 => {}
+                Ok(n) if n > 0 => last = (n, cap),
                 r => {
                     // End of stream (or reset) without a close.
                     tracing::debug!(player = %s.player.id, result = ?r.map_err(|e| e.to_string()), retiring = d.link.retiring.get(), "upstream: game server connection ended");
@@ -188,7 +200,7 @@ pub(crate) async fn run_reader(s: Rc<Session>, mut d: Downstream, wait: Option<o
             break;
         }
         fed = held.len();
-        out = if held.is_empty() { take_buf() } else { held };
+        out = if held.is_empty() { next_read_buf(last.0, last.1) } else { held };
     }
     give_buf(out);
     d.link.finished.set(true);

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use atlas_proxy::drain::Drain;
-use atlas_proxy::io::{give_buf, read_more, shutdown_fd, take_buf, write_range, write_vec, BUF_SIZE};
+use atlas_proxy::io::{give_buf, read_more, refit_read_buf, shutdown_fd, take_buf, write_range, write_vec, BUF_SIZE};
 use atlas_proxy::ListenerCtx;
 use local_sync::{mpsc, oneshot};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Split, Splitable};
@@ -544,32 +544,43 @@ impl Session {
     }
 }
 
+/// What the bytes read so far say about the upgrade request.
+enum Head {
+    Done(ClientHandshake, usize),
+    Partial,
+    Refuse(u16, &'static str, &'static str),
+}
+
+/// Parses the upgrade request (a plain function: httparse's header array
+/// must not live across an await, or every session's task would carry it).
+fn parse_head(buf: &[u8], max: usize) -> Head {
+    let mut h = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut h);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => match handshake::validate(&req) {
+            Ok(hs) => Head::Done(hs, n),
+            Err(e) => {
+                let status = e.status();
+                let extra = if status == 426 { "Sec-WebSocket-Version: 13\r\n" } else { "" };
+                Head::Refuse(status, e.reason(), extra)
+            }
+        },
+        Ok(httparse::Status::Partial) if buf.len() < max => Head::Partial,
+        Ok(httparse::Status::Partial) => Head::Refuse(431, "request head too large", ""),
+        Err(_) => Head::Refuse(400, "malformed request", ""),
+    }
+}
+
 /// Reads the upgrade request; answers refusals itself. Returns the
 /// handshake and any bytes read past it.
 async fn read_handshake<S: AsyncReadRent + AsyncWriteRent>(ctx: &ListenerCtx, client: &mut S, buf: &mut Vec<u8>) -> Option<(ClientHandshake, usize)> {
     let deadline = Instant::now() + ctx.timeouts.client_header;
     loop {
-        let mut h = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut h);
-        match req.parse(buf) {
-            Ok(httparse::Status::Complete(n)) => {
-                return match handshake::validate(&req) {
-                    Ok(hs) => Some((hs, n)),
-                    Err(e) => {
-                        let status = e.status();
-                        let extra = if status == 426 { "Sec-WebSocket-Version: 13\r\n" } else { "" };
-                        refuse(client, status, e.reason(), extra).await;
-                        None
-                    }
-                };
-            }
-            Ok(httparse::Status::Partial) if buf.len() < ctx.limits.max_header_bytes => {}
-            Ok(httparse::Status::Partial) => {
-                refuse(client, 431, "request head too large", "").await;
-                return None;
-            }
-            Err(_) => {
-                refuse(client, 400, "malformed request", "").await;
+        match parse_head(buf, ctx.limits.max_header_bytes) {
+            Head::Done(hs, n) => return Some((hs, n)),
+            Head::Partial => {}
+            Head::Refuse(status, why, extra) => {
+                refuse(client, status, why, extra).await;
                 return None;
             }
         }
@@ -771,13 +782,15 @@ async fn client_reader<R: AsyncReadRent>(s: Rc<Session>, mut r: R, mut buf: Vec<
     let mut dec = Decoder::new(Sender::Client, 0, settings.spatial.max_frame_bytes);
     let mut tap = TextTap::new(MAX_TAP);
     let mut cuts: Vec<(usize, Option<Point>)> = Vec::new();
-    if buf.capacity() < BUF_SIZE {
-        buf.reserve(BUF_SIZE - buf.len());
+    // Bytes in the last read (the handshake's leftover at first).
+    let mut last = buf.len();
+    if buf.is_empty() {
+        refit_read_buf(&mut buf, 0);
     }
     loop {
         if buf.is_empty() {
             match read_more(&mut r, &mut buf, BUF_SIZE).await {
-                Ok(n) if n > 0 => {}
+                Ok(n) if n > 0 => last = n,
                 Ok(_) => {
                     tracing::debug!(player = %s.player.id, "client: connection closed without a close frame");
                     break;
@@ -845,6 +858,7 @@ async fn client_reader<R: AsyncReadRent>(s: Rc<Session>, mut r: R, mut buf: Vec<
         }
         s.at_boundary.set(dec.at_message_boundary());
         buf.clear();
+        refit_read_buf(&mut buf, last);
         if failed {
             break;
         }
