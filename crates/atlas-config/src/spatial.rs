@@ -63,7 +63,8 @@ pub struct Spatial {
     /// How long the old server may take to deliver its last messages and
     /// answer the close after a switch.
     pub transfer_drain_timeout: Duration,
-    /// Send the spec's InitiateTransfer to the old server at a switch.
+    /// Hand the player's state over at a switch: InitiateTransfer to the
+    /// old server, its TransferAccepted's state in AcceptTransfer to the new.
     pub transfer_messages: bool,
     /// Largest WebSocket frame in either direction (close 1009 beyond).
     pub max_frame_bytes: u64,

@@ -154,3 +154,64 @@ fn over_a_thousand_transfers_every_message_exactly_once_in_order() {
     assert_eq!(metric(&atlas, "atlas_game_transfers_total{result=\"ok\"}"), expected as f64);
     assert_eq!(metric(&atlas, "atlas_game_transfers_total{result=\"failed\"}"), 0.0);
 }
+
+/// Text messages a server got, parsed.
+fn texts(s: &GameServer) -> Vec<serde_json::Value> {
+    s.received().iter().filter_map(|r| serde_json::from_str(&r.text).ok()).collect()
+}
+
+#[test]
+fn transfer_messages_hand_the_player_state_from_the_old_server_to_the_new() {
+    let atlas = Atlas::start(&config("predict_horizon = \"0s\"\nhysteresis = 5.0\ntransfer_messages = true"));
+    let a = region_server(&atlas, "a", 0);
+    let b = region_server(&atlas, "b", 1);
+    let mut c = WsClient::connect(atlas.addr(), "/play?player_id=handoff&x=900&y=500&z=500", &[]).expect("connect");
+    // Every reply the client gets is its ack, in order: the old server's
+    // TransferAccepted is Atlas's, never relayed.
+    let who = walk(&mut c, 100, 900.0, 2.0);
+    assert_eq!(who.windows(2).filter(|w| w[0] != w[1]).count(), 1, "{who:?}");
+    let (ta, tb) = (texts(&a), texts(&b));
+    // The source's last message is InitiateTransfer, with the token the target got.
+    let init = ta.last().expect("a got messages");
+    assert_eq!(init["type"], "InitiateTransfer", "a got {ta:?}");
+    assert_eq!(init["payload"]["player_id"], "handoff");
+    assert_eq!(init["payload"]["target_server"].as_str(), b.server_id().as_deref());
+    let token = b.connections()[0].header("x-atlas-transfer-token").expect("token header").to_string();
+    assert_eq!(init["payload"]["token"].as_str(), Some(token.as_str()));
+    // The target's first message is AcceptTransfer with the source's state.
+    let accept = tb.first().expect("b got messages");
+    assert_eq!(accept["type"], "AcceptTransfer", "b got {tb:?}");
+    assert_eq!(accept["payload"]["token"].as_str(), Some(token.as_str()));
+    assert_eq!(accept["payload"]["source_server"].as_str(), a.server_id().as_deref());
+    let last_at_a = ta.iter().filter_map(|v| v["seq"].as_u64()).max().expect("a got moves");
+    assert_eq!(accept["payload"]["player_state"]["last_seq"].as_u64(), Some(last_at_a), "{accept}");
+    assert_eq!(accept["payload"]["player_state"]["server"], "a");
+    // Client messages: exactly once, in order, a's before b's.
+    let mut seqs: Vec<u64> = ta.iter().filter_map(|v| v["seq"].as_u64()).collect();
+    seqs.extend(tb.iter().filter_map(|v| v["seq"].as_u64()));
+    assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
+}
+
+#[test]
+fn transfer_messages_a_silent_old_server_delays_the_transfer_but_loses_nothing() {
+    let atlas = Atlas::start(&config("predict_horizon = \"0s\"\nhysteresis = 5.0\ntransfer_messages = true\ntransfer_drain_timeout = \"400ms\""));
+    let a = region_server(&atlas, "a", 0);
+    let b = region_server(&atlas, "b", 1);
+    a.set_answer_transfers(false);
+    let mut c = WsClient::connect(atlas.addr(), "/play?player_id=silent&x=990&y=500&z=500", &[]).expect("connect");
+    // 990, 1000, ..., 1090: the crossing happens past 1005.
+    let started = std::time::Instant::now();
+    let who = walk(&mut c, 10, 990.0, 10.0);
+    let took = started.elapsed();
+    assert_eq!(who.first().map(String::as_str), Some("a"));
+    assert_eq!(who.last().map(String::as_str), Some("b"), "{who:?}");
+    // The message after the switch waited for the answer's timeout.
+    assert!(took >= Duration::from_millis(350), "walk took {took:?}");
+    let tb = texts(&b);
+    assert_eq!(tb.first().map(|v| v["type"].clone()), Some("AcceptTransfer".into()), "{tb:?}");
+    assert!(tb[0]["payload"]["player_state"].is_null(), "{}", tb[0]);
+    let mut seqs: Vec<u64> = texts(&a).iter().filter_map(|v| v["seq"].as_u64()).collect();
+    seqs.extend(tb.iter().filter_map(|v| v["seq"].as_u64()));
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+    assert!(atlas.logs().contains("no TransferAccepted"), "the timeout is logged");
+}

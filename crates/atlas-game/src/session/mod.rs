@@ -41,7 +41,7 @@ use local_sync::{mpsc, oneshot};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Split, Splitable};
 use std::future::Future;
 
-use self::backend::{connect, forwarded_for, retire, run_reader, Conn, Upstream};
+use self::backend::{connect, forwarded_for, hand_off, retire, run_reader, Conn, Upstream};
 use crate::position::{extract, Point};
 use crate::registry::{registry, Player, Server, Settings, TransferEvent};
 use crate::spatial::{self, Motion};
@@ -53,7 +53,7 @@ use crate::ws::handshake::{self, ClientHandshake};
 /// Chunks queued for the client writer (each up to a read buffer).
 const CLIENT_QUEUE: usize = 8;
 /// Longest text message read for a position (longer ones pass unread).
-const MAX_TAP: usize = 64 * 1024;
+pub(crate) const MAX_TAP: usize = 64 * 1024;
 
 /// Why a player moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +110,9 @@ pub(crate) struct Session {
     pending: RefCell<Option<Ready>>,
     /// A transfer is being prepared (connecting) or waits for a boundary.
     transferring: Cell<bool>,
+    /// Holds the client's messages back while a transfer's state handoff
+    /// runs (dropped by [`hand_off`] when the target may have them).
+    gate: RefCell<Option<oneshot::Receiver<()>>>,
     /// The most recent backend reader's end, for the next one to wait on.
     last_reader: RefCell<Option<oneshot::Receiver<()>>>,
     /// The client's stream, as decoded so far, ends between two messages.
@@ -369,7 +372,9 @@ impl Session {
         if let Some(t) = &tok {
             extra.push(("X-Atlas-Transfer-Token", t));
         }
-        connect(&self.hs, target, &extra, self.ctx.timeouts.connect).await
+        let mut conn = connect(&self.hs, target, &extra, self.ctx.timeouts.connect).await?;
+        conn.token = tok;
+        Ok(conn)
     }
 
     /// Starts moving the player to `target`.
@@ -445,7 +450,7 @@ impl Session {
     /// The switch itself (the caller knows the client is at a boundary).
     fn switch_now(self: &Rc<Self>) -> bool {
         let Some(ready) = self.pending.borrow_mut().take() else { return false };
-        let Conn { up, down, .. } = ready.conn;
+        let Conn { up, down, token, .. } = ready.conn;
         let target = up.server.clone();
         let old = self.backend.borrow_mut().replace(up);
         // The new reader starts when the previous one has finished.
@@ -460,18 +465,29 @@ impl Session {
             s.clone_from(&target.id);
         }
         let settings = self.settings.borrow().clone();
-        if let Some(old) = old {
-            let notice = settings.spatial.transfer_messages.then(|| {
-                let msg = serde_json::json!({"type": "InitiateTransfer", "payload": {"player_id": self.player.id, "target_server": target.id, "token": serde_json::Value::Null}});
-                own_frame(Opcode::Text, msg.to_string().as_bytes(), true)
-            });
-            monoio::spawn(retire(old, notice, settings.spatial.transfer_drain_timeout));
+        let drain = settings.spatial.transfer_drain_timeout;
+        // With transfer messages the handoff ends the transfer; until then
+        // no other transfer starts and the client's messages wait.
+        let mut handing_off = false;
+        match (old, token) {
+            (Some(old), Some(token)) if settings.spatial.transfer_messages => {
+                let (open, gate) = oneshot::channel();
+                *self.gate.borrow_mut() = Some(gate);
+                handing_off = true;
+                monoio::spawn(hand_off(self.clone(), old, token, target.clone(), open, drain, drain));
+            }
+            (Some(old), _) => {
+                monoio::spawn(retire(old, drain));
+            }
+            (None, _) => {}
         }
         let us = ready.started.elapsed().as_micros() as u64;
         let st = self.stats();
         st.transfers_ok.inc();
         st.switch_time.observe_us(us);
-        self.transferring.set(false);
+        if !handing_off {
+            self.transferring.set(false);
+        }
         tracing::debug!(player = %self.player.id, from = %from.id, to = %target.id, switch_us = us, reason = ready.reason.as_str(), "player transferred");
         registry().record_transfer(TransferEvent {
             at_ms: atlas_observe::now_ms(),
@@ -494,6 +510,11 @@ impl Session {
             return Ok(());
         }
         loop {
+            // A transfer's state handoff runs: the target gets nothing before it.
+            let gate = self.gate.borrow_mut().take();
+            if let Some(g) = gate {
+                let _ = g.await;
+            }
             let taken = self.backend.borrow_mut().take();
             match taken {
                 Some(mut up) => {
@@ -734,6 +755,7 @@ where
         server: RefCell::new(server),
         pending: RefCell::new(None),
         transferring: Cell::new(false),
+        gate: RefCell::new(None),
         last_reader: RefCell::new(None),
         at_boundary: Cell::new(true),
         s2c_boundary: Cell::new(true),

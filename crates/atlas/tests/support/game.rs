@@ -9,8 +9,9 @@
 //! - [`GameServer`]: a game server on 127.0.0.1:0 that records connections
 //!   and text messages, acks every JSON message with a numeric `"seq"`,
 //!   echoes binary messages, answers pings and closes, can push messages,
-//!   can be killed like a crashed process, and registers / heartbeats with
-//!   the Atlas API the way Horizon does.
+//!   can be killed like a crashed process, registers / heartbeats with
+//!   the Atlas API the way Horizon does, and answers `InitiateTransfer`
+//!   with `TransferAccepted` carrying a player state (`last_seq`).
 //! - [`http_json`] / [`http_raw`]: one-shot HTTP/1.1 requests.
 //! - [`move_msg`] / [`horizon_move`] / [`Walker`]: movement messages.
 //!
@@ -717,6 +718,8 @@ struct Inner {
     errors: Mutex<Vec<String>>,
     server_id: Mutex<Option<String>>,
     capacity: AtomicU32,
+    /// Answer Atlas's `InitiateTransfer` with `TransferAccepted` (default on).
+    answer_transfers: AtomicBool,
     commands: Mutex<Vec<Value>>,
     heartbeats_ok: AtomicUsize,
     heartbeat_stop: AtomicBool,
@@ -757,6 +760,7 @@ impl GameServer {
             errors: Mutex::new(Vec::new()),
             server_id: Mutex::new(None),
             capacity: AtomicU32::new(0),
+            answer_transfers: AtomicBool::new(true),
             commands: Mutex::new(Vec::new()),
             heartbeats_ok: AtomicUsize::new(0),
             heartbeat_stop: AtomicBool::new(false),
@@ -900,6 +904,12 @@ impl GameServer {
         for h in open {
             let _ = lock(&h.writer).shutdown(Shutdown::Both);
         }
+    }
+
+    /// Whether to answer `InitiateTransfer` (a silent source lets a test
+    /// check Atlas's timeout).
+    pub fn set_answer_transfers(&self, on: bool) {
+        self.inner.answer_transfers.store(on, Ordering::SeqCst);
     }
 
     pub fn is_killed(&self) -> bool {
@@ -1166,6 +1176,7 @@ fn serve_frames(inner: &Arc<Inner>, stream: &TcpStream, leftover: Vec<u8>, id: u
     let _ = stream.set_read_timeout(Some(SERVER_READ_TIMEOUT));
     let mut reader = Cursor::new(leftover).chain(stream);
     let mut replies: u64 = 0;
+    let mut last_seq = Value::Null;
     let mut partial: Option<(u8, Vec<u8>)> = None;
     let protocol_error = |code: u16, msg: String| -> Result<(), String> {
         inner.error(format!("connection {id}: {msg}"));
@@ -1243,8 +1254,20 @@ fn serve_frames(inner: &Arc<Inner>, stream: &TcpStream, leftover: Vec<u8>, id: u
                     Ok(t) => t,
                     Err(_) => return protocol_error(1007, "text message is not UTF-8".into()),
                 };
-                let seq = serde_json::from_str::<Value>(&text).ok().and_then(|v| v.get("seq").filter(|s| s.is_number()).cloned());
+                let parsed = serde_json::from_str::<Value>(&text).ok();
+                let seq = parsed.as_ref().and_then(|v| v.get("seq").filter(|s| s.is_number()).cloned());
+                let initiate = parsed.as_ref().is_some_and(|v| v["type"] == "InitiateTransfer");
                 lock(&inner.received).push(Received { conn: id, player: player.clone(), text, at: Instant::now() });
+                if initiate && inner.answer_transfers.load(Ordering::SeqCst) {
+                    // Horizon's answer, with the player's state for the next server.
+                    let token_id = parsed.as_ref().and_then(|v| v["payload"]["token"].as_str().map(|t| t.len())).unwrap_or(0);
+                    let answer = json!({"type": "TransferAccepted", "payload": {"player_id": player, "token_id": format!("len-{token_id}"),
+                        "player_state": {"server": inner.name, "last_seq": last_seq, "acked": replies}}});
+                    handle.send(OP_TEXT, answer.to_string().as_bytes()).map_err(|e| format!("connection {id}: sending TransferAccepted: {e}"))?;
+                }
+                if let Some(s) = &seq {
+                    last_seq = s.clone();
+                }
                 if let Some(seq) = seq {
                     replies += 1;
                     let ack = format!(r#"{{"type":"ack","server":{},"seq":{},"n":{}}}"#, Value::String(inner.name.clone()), seq, replies);
