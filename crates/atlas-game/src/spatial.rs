@@ -93,12 +93,25 @@ pub struct Motion {
     velocity: Option<Point>,
 }
 
+/// Time constant of the velocity smoothing: jitter between position
+/// updates (client send timing, network) averages out over about this long.
+const VELOCITY_TAU: f64 = 0.2;
+
 impl Motion {
     pub fn record(&mut self, p: Point, at: Instant) {
         if let Some((q, t)) = self.last {
             let dt = at.saturating_duration_since(t).as_secs_f64();
             if dt > 1e-4 {
-                self.velocity = Some(Point { x: (p.x - q.x) / dt, y: (p.y - q.y) / dt, z: (p.z - q.z) / dt });
+                let now = Point { x: (p.x - q.x) / dt, y: (p.y - q.y) / dt, z: (p.z - q.z) / dt };
+                // Exponential smoothing weighted by the time between samples;
+                // after a long pause the new velocity stands alone.
+                self.velocity = Some(match self.velocity {
+                    Some(v) if dt < 1.0 => {
+                        let a = 1.0 - (-dt / VELOCITY_TAU).exp();
+                        Point { x: v.x + a * (now.x - v.x), y: v.y + a * (now.y - v.y), z: v.z + a * (now.z - v.z) }
+                    }
+                    _ => now,
+                });
             }
         }
         self.last = Some((p, at));
@@ -113,6 +126,20 @@ impl Motion {
     pub fn predict(&self, secs: f64) -> Option<Point> {
         let ((p, _), v) = (self.last?, self.velocity?);
         Some(Point { x: p.x + v.x * secs, y: p.y + v.y * secs, z: p.z + v.z * secs })
+    }
+}
+
+/// Predictive pre-connect: the server whose connection should be warm for
+/// a player on `current` moving as `m`, or `None` (close any). A crossing
+/// predicted within `horizon` opens one; a warm one (`warm`) is kept while
+/// the player would still reach that server within 1.5 x `horizon`, so a
+/// player slowing near the threshold does not open and close connections
+/// on every update; it goes when the player turns away.
+pub fn warm_target(world: &World, current: &Server, m: &Motion, horizon: f64, hysteresis: f64, warm: Option<&str>) -> Option<Arc<Server>> {
+    let ahead = |secs: f64| m.predict(secs).and_then(|f| decide(world, current, f, hysteresis));
+    match ahead(horizon) {
+        Some(t) => Some(t),
+        None => ahead(horizon * 1.5).filter(|t| Some(t.id.as_str()) == warm),
     }
 }
 
@@ -173,5 +200,63 @@ mod tests {
         m.record(pt(10.0, 0.0), t + std::time::Duration::from_millis(100));
         let p = m.predict(0.5).unwrap();
         assert!((p.x - 60.0).abs() < 1e-6, "{p:?}");
+    }
+
+    #[test]
+    fn velocity_is_smoothed_over_jittery_updates() {
+        // 100 units/s along x, sampled every 50 ms, each position off by +-2.
+        let t0 = Instant::now();
+        let mut m = Motion::default();
+        let (mut raw_worst, mut worst): (f64, f64) = (0.0, 0.0);
+        let mut prev: Option<(f64, f64)> = None;
+        for i in 0..40u64 {
+            let secs = i as f64 * 0.05;
+            let x = secs * 100.0 + if i % 2 == 0 { 2.0 } else { -2.0 };
+            m.record(pt(x, 0.0), t0 + std::time::Duration::from_secs_f64(secs));
+            if let Some((px, ps)) = prev {
+                raw_worst = raw_worst.max(((x - px) / (secs - ps) - 100.0).abs());
+            }
+            prev = Some((x, secs));
+            if i >= 10 {
+                worst = worst.max((m.velocity().unwrap().x - 100.0).abs());
+            }
+        }
+        assert!(raw_worst >= 79.0, "raw velocity swings by 80 u/s: {raw_worst}");
+        assert!(worst < raw_worst / 3.0, "smoothed swing {worst} vs raw {raw_worst}");
+        // After a long pause the new velocity stands alone.
+        m.record(pt(2000.0, 0.0), t0 + std::time::Duration::from_secs(10));
+        m.record(pt(2000.0, 0.0), t0 + std::time::Duration::from_secs(12));
+        assert_eq!(m.velocity().unwrap().x, 0.0);
+    }
+
+    #[test]
+    fn a_warm_connection_survives_slowing_near_the_threshold_but_not_turning_back() {
+        let w = world();
+        let a = w.servers[0].clone();
+        let t0 = Instant::now();
+        let at = |m: &mut Motion, x: f64, ms: u64| m.record(pt(x, 100.0), t0 + std::time::Duration::from_millis(ms));
+        let b = |t: Option<Arc<Server>>| t.map(|s| s.id.clone());
+        // 100 u/s towards the border at 1000 (hysteresis 5), horizon 0.5 s.
+        let mut m = Motion::default();
+        for i in 0..6u64 {
+            at(&mut m, 900.0 + 10.0 * i as f64, 100 * i);
+        }
+        assert!(warm_target(&w, &a, &m, 0.5, 5.0, None).is_none(), "1000 predicted: no crossing yet");
+        at(&mut m, 960.0, 600);
+        assert_eq!(b(warm_target(&w, &a, &m, 0.5, 5.0, None)), Some("b".into()), "1010 predicted: open b");
+        // Slowing to 40 u/s: for a while the 0.5 s prediction stops short of
+        // the border (a fresh prediction would not open b, a plain one would
+        // close it) but 0.75 s still gets there: b stays warm throughout.
+        for k in 1..=5u64 {
+            at(&mut m, 960.0 + 4.0 * k as f64, 600 + 100 * k);
+            assert!(decide(&w, &a, m.predict(0.5).unwrap(), 5.0).is_none(), "sample {k}");
+            assert!(warm_target(&w, &a, &m, 0.5, 5.0, None).is_none(), "sample {k}");
+            assert_eq!(b(warm_target(&w, &a, &m, 0.5, 5.0, Some("b"))), Some("b".into()), "sample {k}");
+        }
+        // Turning back: closed.
+        for (i, x) in [970.0, 955.0, 940.0, 925.0].iter().enumerate() {
+            at(&mut m, *x, 1200 + 100 * i as u64);
+        }
+        assert!(warm_target(&w, &a, &m, 0.5, 5.0, Some("b")).is_none());
     }
 }

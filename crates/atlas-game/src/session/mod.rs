@@ -302,11 +302,10 @@ impl Session {
         if horizon.is_zero() || self.transferring.get() || self.closing.get() {
             return;
         }
-        let Some(future) = m.predict(horizon.as_secs_f64()) else { return };
         let world = registry().world();
         let current = self.server.borrow().clone();
-        let target = spatial::decide(&world, &current, future, settings.spatial.hysteresis);
         let warm_server = self.warm.borrow().as_ref().map(|w| w.conn.up.server.id.clone());
+        let target = spatial::warm_target(&world, &current, m, horizon.as_secs_f64(), settings.spatial.hysteresis, warm_server.as_deref());
         match target {
             Some(t) if warm_server.as_deref() == Some(t.id.as_str()) => {}
             Some(t) => {
