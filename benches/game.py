@@ -5,7 +5,10 @@
    through Atlas (game mode, one worker) and through nginx's WebSocket
    proxy (one worker), both pinned to CPU 1; load tool and echo server on
    CPU 0. Interleaved runs; medians of msgs/s and proxy CPU us/msg
-   (utime+stime from /proc/PID/stat over the measured window).
+   (utime+stime from /proc/PID/stat over the measured window). Then the
+   same with both proxies capped to CAP% of a core (a cgroup CPU quota,
+   10 ms periods) so the proxy, not the load tool, is the bottleneck:
+   that throughput is the per-core comparison.
 2. Transfers: players walk back and forth across a region border with
    numbered messages, each echoed; reports transfers, switch time p50/p99
    (Atlas's histogram, interpolated) and messages lost or out of order.
@@ -13,7 +16,7 @@
    growth per session (VmRSS before and after).
 
 Knobs (environment): RUNS=3 SECS=5 CONNS=16 WINDOW=64 SESSIONS=9000
-PLAYERS=20 CROSSINGS=20.
+PLAYERS=20 CROSSINGS=20 CAP=40 (0: skip the capped runs).
 """
 import os, re, shutil, subprocess, sys, tempfile, time, statistics, urllib.request
 
@@ -24,6 +27,7 @@ RUNS = int(os.environ.get("RUNS", 3)); SECS = float(os.environ.get("SECS", 5))
 CONNS = int(os.environ.get("CONNS", 16)); WINDOW = int(os.environ.get("WINDOW", 64))
 SESSIONS = int(os.environ.get("SESSIONS", 9000))
 PLAYERS = int(os.environ.get("PLAYERS", 20)); CROSSINGS = int(os.environ.get("CROSSINGS", 20))
+CAP = int(os.environ.get("CAP", 40))
 TICK = os.sysconf("SC_CLK_TCK")
 procs = []
 
@@ -55,11 +59,63 @@ def wait_port(port, t=10):
             time.sleep(0.05)
     raise SystemExit(f"port {port} never opened")
 
+def cpu_cap(pids, pct):
+    """Puts `pids` in a cgroup limited to pct% of one CPU; returns an undo
+    function, or None when no writable cgroup CPU controller exists."""
+    name = f"atlas-bench-{os.getpid()}"
+    for base, limit in ((f"/sys/fs/cgroup/cpu/{name}", None), (f"/sys/fs/cgroup/{name}", "cpu.max")):
+        try:
+            os.makedirs(base, exist_ok=True)
+            if limit:
+                open(f"{base}/cpu.max", "w").write(f"{pct * 100} 10000")
+            else:
+                open(f"{base}/cpu.cfs_period_us", "w").write("10000")
+                open(f"{base}/cpu.cfs_quota_us", "w").write(str(pct * 100))
+            for pid in pids:
+                open(f"{base}/cgroup.procs", "w").write(str(pid))
+        except OSError:
+            try:
+                os.rmdir(base)
+            except OSError:
+                pass
+            continue
+        def undo(base=base):
+            root = os.path.dirname(base)
+            for pid in pids:
+                try:
+                    open(f"{root}/cgroup.procs", "w").write(str(pid))
+                except OSError:
+                    pass
+            try:
+                os.rmdir(base)
+            except OSError:
+                pass
+        return undo
+    return None
+
+def relay_table(targets, title):
+    res = {name: [] for name, _, _ in targets}
+    for r in range(RUNS):
+        for name, port, pid in targets:
+            res[name].append(relay(port, pid))
+            print(f"  run {r + 1} {name}: {res[name][-1][0]} msgs/s, {res[name][-1][1]:.2f} us/msg", flush=True)
+    print(f"\n{title}")
+    print(f"{'proxy':8} {'msgs/s':>10} {'CPU us/msg':>11}")
+    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in res.items()}
+    for k, (rate, cpu) in med.items():
+        print(f"{k:8} {rate:>10.0f} {cpu:>11.2f}")
+    if "nginx" in med:
+        print(f"atlas/nginx: throughput x{med['atlas'][0] / med['nginx'][0]:.2f}, CPU per message x{med['nginx'][1] / med['atlas'][1]:.2f} less")
+
 def metrics(api):
     return urllib.request.urlopen(f"http://{api}/metrics", timeout=5).read().decode()
 
-def quantile(text, name, q):
-    buckets = [(float("inf") if le == "+Inf" else float(le), int(v)) for le, v in re.findall(rf'{name}_bucket{{le="([^"]+)"}} (\d+)', text)]
+def quantile(text, name, q, before=""):
+    """Quantile q of histogram `name` in `text`, minus the counts in `before`."""
+    parse = lambda t: [(float("inf") if le == "+Inf" else float(le), int(v)) for le, v in re.findall(rf'{name}_bucket{{le="([^"]+)"}} (\d+)', t)]
+    buckets = parse(text)
+    old = dict(parse(before))
+    buckets = [(le, n - old.get(le, 0)) for le, n in buckets]
     total = buckets[-1][1] if buckets else 0
     if total == 0:
         return None
@@ -120,18 +176,16 @@ def main():
             n = start([ng, "-p", tmp, "-c", nginx_conf(tmp, 19220, "127.0.0.1:19210")], 1, f"{tmp}/nginx.log")
             wait_port(19220)
             targets.append(("nginx", 19220, n.pid))
-        res = {name: [] for name, _, _ in targets}
-        for r in range(RUNS):
-            for name, port, pid in targets:
-                res[name].append(relay(port, pid))
-                print(f"  run {r + 1} {name}: {res[name][-1][0]} msgs/s, {res[name][-1][1]:.2f} us/msg", flush=True)
-        print(f"\nWebSocket relay, 64-byte messages, {CONNS} connections x window {WINDOW}, {SECS:.0f} s x {RUNS} runs (medians)")
-        print(f"{'proxy':8} {'msgs/s':>10} {'CPU us/msg':>11}")
-        med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in res.items()}
-        for k, (rate, cpu) in med.items():
-            print(f"{k:8} {rate:>10.0f} {cpu:>11.2f}")
-        if "nginx" in med:
-            print(f"atlas/nginx: throughput x{med['atlas'][0] / med['nginx'][0]:.2f}, CPU per message x{med['nginx'][1] / med['atlas'][1]:.2f} less")
+        relay_table(targets, f"WebSocket relay, 64-byte messages, {CONNS} connections x window {WINDOW}, {SECS:.0f} s x {RUNS} runs (medians)")
+        if CAP > 0:
+            undo = cpu_cap([pid for _, _, pid in targets], CAP)
+            if undo is None:
+                print("\n(no writable cgroup CPU controller: capped runs skipped)")
+            else:
+                try:
+                    relay_table(targets, f"Same, both proxies capped to {CAP}% of a core (cgroup quota): per-core throughput")
+                finally:
+                    undo()
 
         # Transfers.
         for label, extra in (("prediction off", None), ("prediction on (500ms)", "predict")):
@@ -143,14 +197,21 @@ def main():
                     start([WSLOAD, "echo", f"127.0.0.1:{port}", api, name, str(cx)], 0, f"{tmp}/echo2-{name}.log")
                     wait_port(port)
                 time.sleep(0.3)
-            out = subprocess.run(["taskset", "-c", "0", WSLOAD, "walk", "127.0.0.1:19200", str(PLAYERS), str(CROSSINGS)], capture_output=True, text=True, timeout=600).stdout
-            m = metrics(api)
-            ok = re.search(r'atlas_game_transfers_total{result="ok"} (\d+)', m).group(1)
-            failed = re.search(r'atlas_game_transfers_total{result="failed"} (\d+)', m).group(1)
-            hits = re.search(r"atlas_game_preconnect_hits_total (\d+)", m).group(1)
-            p50 = quantile(m, "atlas_game_transfer_switch_seconds", 0.5); p99 = quantile(m, "atlas_game_transfer_switch_seconds", 0.99)
-            print(f"\nTransfers ({label}): {PLAYERS} players x {CROSSINGS} crossings: {out.strip()}; transfers ok {ok}, failed {failed}, "
-                  f"pre-connect hits {hits}; switch p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms (histogram-interpolated)")
+            rows = []
+            for r in range(RUNS):
+                m0 = metrics(api)
+                out = subprocess.run(["taskset", "-c", "0", WSLOAD, "walk", "127.0.0.1:19200", str(PLAYERS), str(CROSSINGS)], capture_output=True, text=True, timeout=600).stdout
+                m = metrics(api)
+                count = lambda t, pat: int(re.search(pat, t).group(1))
+                ok = count(m, r'atlas_game_transfers_total{result="ok"} (\d+)') - count(m0, r'atlas_game_transfers_total{result="ok"} (\d+)')
+                failed = count(m, r'atlas_game_transfers_total{result="failed"} (\d+)') - count(m0, r'atlas_game_transfers_total{result="failed"} (\d+)')
+                hits = count(m, r"atlas_game_preconnect_hits_total (\d+)") - count(m0, r"atlas_game_preconnect_hits_total (\d+)")
+                p50 = quantile(m, "atlas_game_transfer_switch_seconds", 0.5, m0); p99 = quantile(m, "atlas_game_transfer_switch_seconds", 0.99, m0)
+                rows.append((p50, p99))
+                print(f"  run {r + 1} transfers ({label}): {out.strip()}; ok {ok}, failed {failed}, pre-connect hits {hits}; "
+                      f"switch p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms", flush=True)
+            print(f"\nTransfers ({label}): {PLAYERS} players x {CROSSINGS} crossings x {RUNS} runs: median switch p50 "
+                  f"{statistics.median(r[0] for r in rows) * 1e3:.3f} ms, median p99 {statistics.median(r[1] for r in rows) * 1e3:.3f} ms (histogram-interpolated)")
 
         # Idle sessions: RSS per session.
         before = rss_kib(atlas.pid)

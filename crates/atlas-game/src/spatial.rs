@@ -96,6 +96,9 @@ pub struct Motion {
 /// Time constant of the velocity smoothing: jitter between position
 /// updates (client send timing, network) averages out over about this long.
 const VELOCITY_TAU: f64 = 0.2;
+/// Least weight of a new sample, so a player sending many updates a
+/// second still turns in the estimate within a few of them.
+const VELOCITY_MIN_WEIGHT: f64 = 0.3;
 
 impl Motion {
     pub fn record(&mut self, p: Point, at: Instant) {
@@ -107,7 +110,7 @@ impl Motion {
                 // after a long pause the new velocity stands alone.
                 self.velocity = Some(match self.velocity {
                     Some(v) if dt < 1.0 => {
-                        let a = 1.0 - (-dt / VELOCITY_TAU).exp();
+                        let a = (1.0 - (-dt / VELOCITY_TAU).exp()).max(VELOCITY_MIN_WEIGHT);
                         Point { x: v.x + a * (now.x - v.x), y: v.y + a * (now.y - v.y), z: v.z + a * (now.z - v.z) }
                     }
                     _ => now,
@@ -223,6 +226,16 @@ mod tests {
         }
         assert!(raw_worst >= 79.0, "raw velocity swings by 80 u/s: {raw_worst}");
         assert!(worst < raw_worst / 3.0, "smoothed swing {worst} vs raw {raw_worst}");
+        // Many updates a second: a turn shows within a few samples.
+        let mut f = Motion::default();
+        for i in 0..20u64 {
+            f.record(pt(i as f64, 0.0), t0 + std::time::Duration::from_millis(i));
+        }
+        assert!((f.velocity().unwrap().x - 1000.0).abs() < 1e-6);
+        for k in 1..=4u64 {
+            f.record(pt(19.0 - k as f64, 0.0), t0 + std::time::Duration::from_millis(19 + k));
+        }
+        assert!(f.velocity().unwrap().x < 0.0, "turned: {:?}", f.velocity());
         // After a long pause the new velocity stands alone.
         m.record(pt(2000.0, 0.0), t0 + std::time::Duration::from_secs(10));
         m.record(pt(2000.0, 0.0), t0 + std::time::Duration::from_secs(12));
