@@ -13,8 +13,9 @@
 //!
 //! Transfer messages (`transfer_messages = true`, see [`hand_off`]): while
 //! Atlas waits for the old server's `TransferAccepted`, that server's
-//! reader also holds back single-frame text messages until they are whole,
-//! takes the answer out of the stream and passes its `player_state` on.
+//! reader also holds back single-frame text messages (up to 64 KiB) until
+//! they are whole, takes the answer out of the stream and passes its
+//! `player_state` on.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -154,7 +155,9 @@ pub(crate) async fn run_reader(s: Rc<Session>, mut d: Downstream, wait: Option<o
     loop {
         if fed == out.len() {
             let cap = out.capacity();
-            match read_more(&mut d.r, &mut out, BUF_SIZE + 256).await {
+            // A held text frame may be larger than a read buffer.
+            let max = if open_text.is_some() { super::MAX_TAP + BUF_SIZE } else { BUF_SIZE + 256 };
+            match read_more(&mut d.r, &mut out, max).await {
                 Ok(n) if n > 0 => last = (n, cap),
                 r => {
                     // End of stream (or reset) without a close.
@@ -184,7 +187,8 @@ pub(crate) async fn run_reader(s: Rc<Session>, mut d: Downstream, wait: Option<o
             match c {
                 Chunk::Header(h) => {
                     open_is_control = h.opcode.is_control();
-                    open_text = (awaiting && h.opcode == Opcode::Text && h.fin).then_some(last_end);
+                    let candidate = awaiting && h.opcode == Opcode::Text && h.fin && h.len <= super::MAX_TAP as u64;
+                    open_text = candidate.then_some(last_end);
                 }
                 Chunk::FrameEnd { opcode, message_end, consumed } => {
                     if opcode == Opcode::Close && close.is_none() {

@@ -720,6 +720,8 @@ struct Inner {
     capacity: AtomicU32,
     /// Answer Atlas's `InitiateTransfer` with `TransferAccepted` (default on).
     answer_transfers: AtomicBool,
+    /// Bytes of padding in the player state of `TransferAccepted`.
+    state_padding: AtomicUsize,
     commands: Mutex<Vec<Value>>,
     heartbeats_ok: AtomicUsize,
     heartbeat_stop: AtomicBool,
@@ -761,6 +763,7 @@ impl GameServer {
             server_id: Mutex::new(None),
             capacity: AtomicU32::new(0),
             answer_transfers: AtomicBool::new(true),
+            state_padding: AtomicUsize::new(0),
             commands: Mutex::new(Vec::new()),
             heartbeats_ok: AtomicUsize::new(0),
             heartbeat_stop: AtomicBool::new(false),
@@ -910,6 +913,11 @@ impl GameServer {
     /// check Atlas's timeout).
     pub fn set_answer_transfers(&self, on: bool) {
         self.inner.answer_transfers.store(on, Ordering::SeqCst);
+    }
+
+    /// Pads the player state of `TransferAccepted` to about `bytes`.
+    pub fn set_state_padding(&self, bytes: usize) {
+        self.inner.state_padding.store(bytes, Ordering::SeqCst);
     }
 
     pub fn is_killed(&self) -> bool {
@@ -1262,7 +1270,8 @@ fn serve_frames(inner: &Arc<Inner>, stream: &TcpStream, leftover: Vec<u8>, id: u
                     // Horizon's answer, with the player's state for the next server.
                     let token_id = parsed.as_ref().and_then(|v| v["payload"]["token"].as_str().map(|t| t.len())).unwrap_or(0);
                     let answer = json!({"type": "TransferAccepted", "payload": {"player_id": player, "token_id": format!("len-{token_id}"),
-                        "player_state": {"server": inner.name, "last_seq": last_seq, "acked": replies}}});
+                        "player_state": {"server": inner.name, "last_seq": last_seq, "acked": replies,
+                            "pad": "x".repeat(inner.state_padding.load(Ordering::SeqCst))}}});
                     handle.send(OP_TEXT, answer.to_string().as_bytes()).map_err(|e| format!("connection {id}: sending TransferAccepted: {e}"))?;
                 }
                 if let Some(s) = &seq {
