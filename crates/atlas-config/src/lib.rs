@@ -8,9 +8,11 @@
 
 mod load;
 mod raw;
+mod rooms;
 mod spatial;
 mod validate;
 
+pub use rooms::{redis_url_error, Rooms, Store, StoreBackend};
 pub use spatial::{apply_env, maestro_url_error, PositionPlace, PositionRule, Spatial};
 
 use std::fmt;
@@ -449,6 +451,10 @@ pub struct Config {
     pub health: Health,
     /// `[spatial]`: the game gateway.
     pub spatial: Spatial,
+    /// `[rooms]`: the room gateway.
+    pub rooms: Rooms,
+    /// `[store]`: where rooms and (with Redis) the server registry live.
+    pub store: Store,
 }
 
 /// Loads and validates a configuration file.

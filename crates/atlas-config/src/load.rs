@@ -126,8 +126,23 @@ fn table_array<T: DeserializeOwned>(diag: &mut Diag<'_>, root: &DeTable<'_>, key
     out
 }
 
-const SECTIONS: &[&str] =
-    &["listen", "listeners", "upstreams", "routing", "static_files", "runtime", "api", "timeouts", "limits", "pool", "routes", "health", "spatial"];
+const SECTIONS: &[&str] = &[
+    "listen",
+    "listeners",
+    "upstreams",
+    "routing",
+    "static_files",
+    "runtime",
+    "api",
+    "timeouts",
+    "limits",
+    "pool",
+    "routes",
+    "health",
+    "spatial",
+    "rooms",
+    "store",
+];
 
 pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
     let (doc, errors) = DeTable::parse_recoverable(diag.text);
@@ -152,6 +167,8 @@ pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
             "routes" => raw.routes = table_array(diag, root, key, v),
             "health" => raw.health = section(diag, root, key, v).unwrap_or_default(),
             "spatial" => raw.spatial = section(diag, root, key, v).unwrap_or_default(),
+            "rooms" => raw.rooms = section(diag, root, key, v).unwrap_or_default(),
+            "store" => raw.store = section(diag, root, key, v).unwrap_or_default(),
             other => diag.push(
                 Some(k.span()),
                 if other.is_empty() { "(empty key)" } else { other },

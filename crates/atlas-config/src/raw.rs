@@ -199,4 +199,6 @@ pub struct RawConfig {
     pub routes: Vec<Spanned<RawRoute>>,
     pub health: RawHealth,
     pub spatial: crate::spatial::RawSpatial,
+    pub rooms: crate::rooms::RawRooms,
+    pub store: crate::rooms::RawStore,
 }

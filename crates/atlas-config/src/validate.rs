@@ -619,6 +619,8 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
         pool,
         health,
         spatial: crate::spatial::validate(diag, &raw.spatial),
+        rooms: crate::rooms::validate_rooms(diag, &raw.rooms),
+        store: crate::rooms::validate_store(diag, &raw.store),
     }
 }
 
