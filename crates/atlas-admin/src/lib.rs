@@ -265,6 +265,21 @@ fn route(state: &AdminState, peer: IpAddr, req: &Req) -> Reply {
         let (status, body) = atlas_game::api::handle(&req.method, path, &req.body);
         return reply(status, body);
     }
+    if let Some(access) = atlas_game::rooms::api::access(&req.method, path) {
+        let denied = match access {
+            atlas_game::api::Access::Read => authorize_read(state, peer),
+            atlas_game::api::Access::Write => authorize_write(state, peer, req),
+        };
+        if let Some(d) = denied {
+            return d;
+        }
+        let (status, body) = atlas_game::rooms::api::handle(&req.method, path, &req.query, &req.body, unmapped(peer));
+        let mut r = reply(status, body);
+        if status == 429 || status == 503 {
+            r.extra = "Retry-After: 1\r\n";
+        }
+        return r;
+    }
     let get = req.method == "GET" || req.method == "HEAD";
     let only = |allowed: &'static str| {
         let mut r = error(405, format!("{} is not allowed on {path}; use {allowed}", req.method));

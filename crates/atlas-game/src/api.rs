@@ -78,6 +78,9 @@ struct Heartbeat {
     avg_tick_ms: f64,
     #[serde(default)]
     memory_bytes: u64,
+    /// Room gateway: players per room on this server.
+    #[serde(default)]
+    rooms: Option<std::collections::HashMap<String, u32>>,
 }
 
 fn yes() -> bool {
@@ -190,7 +193,7 @@ pub fn handle(method: &str, path: &str, body: &[u8]) -> (u16, Value) {
         }
         ("PUT" | "POST", ["api", "v1", "servers", id, "heartbeat"]) => {
             let hb: Heartbeat = if body.is_empty() {
-                Heartbeat { current_connections: 0, load: 0.0, accepting_connections: true, avg_tick_ms: 0.0, memory_bytes: 0 }
+                Heartbeat { current_connections: 0, load: 0.0, accepting_connections: true, avg_tick_ms: 0.0, memory_bytes: 0, rooms: None }
             } else {
                 match parse(body) {
                     Ok(h) => h,
@@ -205,13 +208,24 @@ pub fn handle(method: &str, path: &str, body: &[u8]) -> (u16, Value) {
                 memory_bytes: hb.memory_bytes,
             };
             match reg.heartbeat(id, &beat) {
-                Some(commands) => (200, json!({"success": true, "message": "ok", "commands": commands})),
+                Some(mut commands) => {
+                    let r = crate::rooms::rooms();
+                    if let Some(rooms) = &hb.rooms {
+                        if let Err(e) = r.store().report(id, rooms, atlas_observe::now_ms()) {
+                            tracing::debug!(server = %id, error = %e, "store: room report not recorded");
+                        }
+                    }
+                    commands.extend(r.announcements(id));
+                    (200, json!({"success": true, "message": "ok", "commands": commands}))
+                }
                 None => not_found(format!("unknown server `{id}`: register again")),
             }
         }
         (_, ["api", "v1", "servers", _, "heartbeat"]) => method_not_allowed(method, path, "PUT"),
         ("DELETE", ["api", "v1", "servers", id] | ["servers", id]) => {
             if reg.unregister(id) {
+                // The fleet forgets it now, not when its lease runs out.
+                let _ = crate::rooms::rooms().store().remove_server(id);
                 (200, json!({"success": true, "message": "unregistered"}))
             } else {
                 not_found(format!("unknown server `{id}`"))

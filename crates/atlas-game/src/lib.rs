@@ -8,6 +8,8 @@
 //! - `spatial`: region geometry, routing with hysteresis, prediction.
 //! - `registry`: registered servers, heartbeats, players, the snapshot file.
 //! - `api`: the registration and game REST routes (served by atlas-admin).
+//! - `rooms`: the room gateway (rooms on the least-loaded server, the room
+//!   store, joins through Atlas, cleanup and migration).
 //! - `session`: the WebSocket proxy session with seamless transfers.
 //! - `token`: HMAC-SHA256 transfer tokens.
 //! - `maestro`: auto-scale requests.
@@ -18,6 +20,7 @@ pub mod fuzzing;
 pub mod maestro;
 pub mod position;
 pub mod registry;
+pub mod rooms;
 pub mod session;
 pub mod spatial;
 pub mod stats;

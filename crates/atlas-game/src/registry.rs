@@ -137,6 +137,9 @@ struct Entry {
     registered_ms: u64,
     /// Commands for its next heartbeat answer.
     commands: Vec<Value>,
+    /// Registered with another Atlas of the fleet (learnt through the
+    /// shared store): its liveness is that instance's lease, not our clock.
+    remote: bool,
 }
 
 #[derive(Default)]
@@ -320,6 +323,7 @@ impl Registry {
                 let e = &mut st.servers[i];
                 e.server = server.clone();
                 e.last_heartbeat = now;
+                e.remote = false;
                 true
             }
             None => {
@@ -333,6 +337,7 @@ impl Registry {
                     memory_bytes: 0,
                     registered_ms: atlas_observe::now_ms(),
                     commands: Vec::new(),
+                    remote: false,
                 });
                 false
             }
@@ -366,6 +371,8 @@ impl Registry {
         };
         e.last_heartbeat = Instant::now();
         e.heartbeats += 1;
+        // A server of another instance heartbeating here: ours from now on.
+        e.remote = false;
         e.load = if beat.load.is_finite() { beat.load } else { 0.0 };
         e.reported_players = beat.current_connections;
         e.avg_tick_ms = if beat.avg_tick_ms.is_finite() { beat.avg_tick_ms } else { 0.0 };
@@ -424,7 +431,7 @@ impl Registry {
         let mut st = lock(&self.state);
         let mut changed = false;
         for e in st.servers.iter_mut() {
-            if e.server.status == Status::Up && now.saturating_duration_since(e.last_heartbeat) > limit {
+            if !e.remote && e.server.status == Status::Up && now.saturating_duration_since(e.last_heartbeat) > limit {
                 e.server.status = Status::Down;
                 changed = true;
                 self.servers_marked_down.fetch_add(1, Ordering::Relaxed);
@@ -617,6 +624,116 @@ fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, data)?;
     std::fs::rename(&tmp, path)
+}
+
+impl Registry {
+    /// Servers that may take a new room, with the players they report (or
+    /// Atlas carries, if more); `region` marks those whose registration
+    /// `metadata.region` matches.
+    pub fn room_candidates(&self, region: Option<&str>) -> Vec<atlas_store::Candidate> {
+        let st = lock(&self.state);
+        st.servers
+            .iter()
+            .filter(|e| e.server.status == Status::Up && e.server.accepting && e.server.capacity > 0)
+            .map(|e| atlas_store::Candidate {
+                id: e.server.id.clone(),
+                address: e.server.address.clone(),
+                capacity: e.server.capacity,
+                players: e.reported_players.max(e.server.players().max(0) as u64),
+                preferred: region.is_some_and(|r| e.server.metadata.get("region").and_then(Value::as_str) == Some(r)),
+            })
+            .collect()
+    }
+
+    /// Adds a command to a server's next heartbeat answer.
+    pub fn queue_command(&self, id: &str, cmd: Value) {
+        let mut st = lock(&self.state);
+        if let Some(e) = st.servers.iter_mut().find(|e| e.server.id == id) {
+            e.commands.push(cmd);
+        }
+    }
+
+    /// The records of the servers registered here (for the shared store).
+    pub fn local_records(&self) -> Vec<(String, Value)> {
+        let st = lock(&self.state);
+        let now = Instant::now();
+        st.servers.iter().filter(|e| !e.remote).map(|e| (e.server.id.clone(), entry_json(e, now))).collect()
+    }
+
+    /// Takes in the fleet's servers from the shared store: those registered
+    /// with other instances are added or updated (as remote), remote ones
+    /// no longer there (lease expired, unregistered) are removed. Local
+    /// servers are left alone.
+    pub fn merge_remote(&self, records: &[Value]) {
+        let mut st = lock(&self.state);
+        let mut changed = false;
+        let mut seen = Vec::new();
+        for v in records {
+            let Some(server) = server_from_record(v) else { continue };
+            seen.push(server.id.clone());
+            match st.servers.iter_mut().find(|e| e.server.id == server.id) {
+                Some(e) if !e.remote => {}
+                Some(e) => {
+                    e.reported_players = v["reported_connections"].as_u64().unwrap_or(0);
+                    let same = e.server.status == server.status
+                        && e.server.accepting == server.accepting
+                        && e.server.address == server.address
+                        && e.server.capacity == server.capacity;
+                    if !same {
+                        let live = e.server.live.clone();
+                        e.server = Server { live, ..server };
+                        changed = true;
+                    }
+                }
+                None => {
+                    st.servers.push(Entry {
+                        server,
+                        last_heartbeat: Instant::now(),
+                        heartbeats: 0,
+                        load: v["load"].as_f64().unwrap_or(0.0),
+                        reported_players: v["reported_connections"].as_u64().unwrap_or(0),
+                        avg_tick_ms: 0.0,
+                        memory_bytes: 0,
+                        registered_ms: v["registered_ms"].as_u64().unwrap_or(0),
+                        commands: Vec::new(),
+                        remote: true,
+                    });
+                    changed = true;
+                }
+            }
+        }
+        let before = st.servers.len();
+        st.servers.retain(|e| !e.remote || seen.contains(&e.server.id));
+        changed |= st.servers.len() != before;
+        if changed {
+            self.publish(&mut st);
+        }
+    }
+}
+
+/// A server from its shared-store record (`entry_json`'s shape).
+fn server_from_record(v: &Value) -> Option<Server> {
+    let f = |k: &str| v["center"][k].as_f64();
+    let address = v["address"].as_str()?.to_string();
+    Some(Server {
+        id: v["server_id"].as_str()?.to_string(),
+        name: v["name"].as_str().unwrap_or("").to_string(),
+        addr: resolve(&address).ok()?,
+        address,
+        region: [v["region_coord"]["x"].as_i64()?, v["region_coord"]["y"].as_i64()?, v["region_coord"]["z"].as_i64()?],
+        center: Point { x: f("x")?, y: f("y")?, z: f("z")? },
+        bounds: v["bounds"].as_f64()?,
+        capacity: v["capacity"].as_u64().unwrap_or(0).min(u64::from(u32::MAX)) as u32,
+        version: v["version"].as_str().unwrap_or("").to_string(),
+        metadata: v["metadata"].clone(),
+        status: match v["status"].as_str() {
+            Some("down") => Status::Down,
+            Some("draining") => Status::Draining,
+            _ => Status::Up,
+        },
+        accepting: v["accepting_connections"].as_bool().unwrap_or(true),
+        live: Arc::new(AtomicI64::new(0)),
+    })
 }
 
 fn entry_json(e: &Entry, now: Instant) -> Value {

@@ -84,6 +84,34 @@ pub fn verify(key: &ring::hmac::Key, header: &str, now_ms: u64) -> Result<Token,
     Ok(t)
 }
 
+/// A room's join token (the direct flow: a client that got a room's
+/// server address presents it to that server):
+/// `base64url(JSON {room_id, server_id, expires_at_ms, nonce}) "." hex(HMAC-SHA256(secret, the base64 text))`,
+/// with `[spatial] token_secret` as the secret.
+pub fn sign_join(key: &ring::hmac::Key, room_id: &str, server_id: &str, expires_at_ms: u64) -> String {
+    let payload = json!({"room_id": room_id, "server_id": server_id, "expires_at_ms": expires_at_ms, "nonce": new_id()});
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload.to_string());
+    let sig = ring::hmac::sign(key, b.as_bytes());
+    format!("{b}.{}", hex(sig.as_ref()))
+}
+
+/// Checks a join token: `(room_id, server_id)` when the signature holds and
+/// it has not expired at `now_ms`.
+pub fn verify_join(key: &ring::hmac::Key, token: &str, now_ms: u64) -> Result<(String, String), String> {
+    let (b, sig) = token.trim().split_once('.').ok_or("join token has no signature")?;
+    let sig = unhex(sig).ok_or("join token signature is not hex")?;
+    ring::hmac::verify(key, b.as_bytes(), &sig).map_err(|_| "bad signature".to_string())?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b).map_err(|_| "join token is not base64url".to_string())?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| "join token is not JSON".to_string())?;
+    if v["expires_at_ms"].as_u64().is_none_or(|t| now_ms > t) {
+        return Err("join token expired".into());
+    }
+    match (v["room_id"].as_str(), v["server_id"].as_str()) {
+        (Some(r), Some(s)) => Ok((r.to_string(), s.to_string())),
+        _ => Err("join token lacks room_id or server_id".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +146,18 @@ mod tests {
         assert_eq!(verify(&key(b"secret"), &forged, 2000), Err("bad signature".into()));
         assert!(verify(&key(b"secret"), "!!", 0).is_err());
         assert!(verify(&key(b"secret"), "e30", 0).is_err());
+    }
+
+    #[test]
+    fn join_tokens() {
+        let t = sign_join(&key(b"secret"), "room-1", "srv-a", 5000);
+        assert_eq!(verify_join(&key(b"secret"), &t, 4000), Ok(("room-1".into(), "srv-a".into())));
+        assert_eq!(verify_join(&key(b"other"), &t, 4000), Err("bad signature".into()));
+        assert_eq!(verify_join(&key(b"secret"), &t, 5001), Err("join token expired".into()));
+        let (b, sig) = t.split_once('.').unwrap();
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b).unwrap();
+        let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(String::from_utf8(raw).unwrap().replace("room-1", "room-2"));
+        assert!(verify_join(&key(b"secret"), &format!("{forged}.{sig}"), 4000).is_err());
+        assert!(verify_join(&key(b"secret"), "no-dot", 0).is_err());
     }
 }

@@ -54,6 +54,9 @@ pub struct Room {
     /// Its server died and no other could take it.
     #[serde(default)]
     pub lost: bool,
+    /// Migrated here and the new server was not told yet (`RoomMigrated`).
+    #[serde(default)]
+    pub announce: bool,
 }
 
 /// What a create asks for (the id is chosen by the caller).
@@ -137,8 +140,11 @@ pub trait RoomStore: Send + Sync {
     /// Moves a room off `from` to the best candidate. `Ok(None)`: it is no
     /// longer on `from` (another instance moved it). No candidate: the room
     /// is marked lost and returned as such.
-    fn migrate(&self, id: &str, from: &str, candidates: &[Candidate], now_ms: u64) -> Result<Option<Room>, StoreError>;
+    fn migrate(&self, id: &str, from: &str, candidates: &[Candidate]) -> Result<Option<Room>, StoreError>;
     fn load(&self) -> Result<HashMap<String, Load>, StoreError>;
+    /// The rooms migrated to `server_id` it was not told about yet (and
+    /// marks them told).
+    fn take_announcements(&self, server_id: &str) -> Result<Vec<Room>, StoreError>;
 
     // The shared server registry (Redis; the memory store keeps none).
 
@@ -155,6 +161,10 @@ pub trait RoomStore: Send + Sync {
     }
     /// Whether records come from other instances (so the registry syncs).
     fn shared(&self) -> bool {
+        false
+    }
+    /// Whether another instance changed a server since the last call.
+    fn take_servers_changed(&self) -> bool {
         false
     }
 }

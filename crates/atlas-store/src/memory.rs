@@ -106,6 +106,7 @@ impl RoomStore for MemoryStore {
             idle_since_ms: None,
             migrated_from: None,
             lost: false,
+            announce: false,
         };
         st.insert(r.clone());
         self.save(&st);
@@ -160,7 +161,7 @@ impl RoomStore for MemoryStore {
         Ok(self.lock().rooms.values().filter(|r| r.server_id == server_id).cloned().collect())
     }
 
-    fn migrate(&self, id: &str, from: &str, candidates: &[Candidate], now_ms: u64) -> Result<Option<Room>, StoreError> {
+    fn migrate(&self, id: &str, from: &str, candidates: &[Candidate]) -> Result<Option<Room>, StoreError> {
         let mut st = self.lock();
         let Some(r) = st.rooms.get(id).cloned() else { return Ok(None) };
         if r.server_id != from {
@@ -175,8 +176,9 @@ impl RoomStore for MemoryStore {
                     address: c.address.clone(),
                     migrated_from: Some(from.to_string()),
                     lost: false,
+                    announce: true,
                     players: 0,
-                    idle_since_ms: Some(now_ms),
+                    idle_since_ms: None,
                     ..r
                 };
                 st.insert(m.clone());
@@ -194,5 +196,22 @@ impl RoomStore for MemoryStore {
 
     fn load(&self) -> Result<HashMap<String, Load>, StoreError> {
         Ok(self.lock().load.clone())
+    }
+
+    fn take_announcements(&self, server_id: &str) -> Result<Vec<Room>, StoreError> {
+        let mut st = self.lock();
+        let out: Vec<Room> = st
+            .rooms
+            .values_mut()
+            .filter(|r| r.server_id == server_id && r.announce)
+            .map(|r| {
+                r.announce = false;
+                r.clone()
+            })
+            .collect();
+        if !out.is_empty() {
+            self.save(&st);
+        }
+        Ok(out)
     }
 }

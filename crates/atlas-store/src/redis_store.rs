@@ -90,11 +90,6 @@ impl RedisStore {
         format!("{}{k}", self.prefix)
     }
 
-    /// Whether an event said a server changed since the last call.
-    pub fn take_servers_changed(&self) -> bool {
-        self.servers_changed.swap(false, Ordering::Relaxed)
-    }
-
     /// Runs `f` on the shared connection, (re)connecting when allowed.
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> RedisResult<T>) -> Result<T, StoreError> {
         let mut c = lock(&self.conn);
@@ -280,6 +275,7 @@ impl RoomStore for RedisStore {
                     idle_since_ms: None,
                     migrated_from: None,
                     lost: false,
+                    announce: false,
                 };
                 pipe.cmd("HINCRBY").arg(&reserved).arg(&c.id).arg(i64::from(room.capacity)).ignore();
                 pipe.cmd("HINCRBY").arg(&nrooms).arg(&c.id).arg(1).ignore();
@@ -393,11 +389,10 @@ impl RoomStore for RedisStore {
         })
     }
 
-    fn migrate(&self, id: &str, from: &str, candidates: &[Candidate], now_ms: u64) -> Result<Option<Room>, StoreError> {
+    fn migrate(&self, id: &str, from: &str, candidates: &[Candidate]) -> Result<Option<Room>, StoreError> {
         let (reserved, nrooms, events, prefix) = (self.key("reserved"), self.key("nrooms"), self.key("events"), self.prefix.clone());
         let rk = self.key(&format!("room:{id}"));
         let others: Vec<Candidate> = candidates.iter().filter(|c| c.id != from).cloned().collect();
-        let _ = now_ms;
         let out = self.with(|con| {
             redis::transaction(con, &[&rk, &reserved], |con, pipe| {
                 let Some(r) = parse_room(redis::cmd("GET").arg(&rk).query(con)?) else { return Ok(Some(None)) };
@@ -412,6 +407,7 @@ impl RoomStore for RedisStore {
                             address: c.address.clone(),
                             migrated_from: Some(from.to_string()),
                             lost: false,
+                            announce: true,
                             players: 0,
                             idle_since_ms: None,
                             ..r.clone()
@@ -498,6 +494,35 @@ impl RoomStore for RedisStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn take_servers_changed(&self) -> bool {
+        self.servers_changed.swap(false, Ordering::Relaxed)
+    }
+
+    fn take_announcements(&self, server_id: &str) -> Result<Vec<Room>, StoreError> {
+        let (srv, prefix) = (self.key(&format!("srv:{server_id}")), self.prefix.clone());
+        let ids: Vec<String> = self.with(|con| redis::cmd("SMEMBERS").arg(&srv).query(con))?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| format!("{prefix}room:{id}")).collect();
+        self.with(|con| {
+            redis::transaction(con, &keys, |con, pipe| {
+                let mut told = Vec::new();
+                for (k, r) in keys.iter().zip(Self::get_rooms(con, &keys)?) {
+                    let Some(r) = r.filter(|r| r.server_id == server_id && r.announce) else { continue };
+                    let done = Room { announce: false, ..r };
+                    pipe.cmd("SET").arg(k).arg(json(&done)).ignore();
+                    told.push(done);
+                }
+                if told.is_empty() {
+                    return Ok(Some(told));
+                }
+                let ok: Option<()> = pipe.query(con)?;
+                Ok(ok.map(|_| told.clone()))
+            })
+        })
     }
 }
 

@@ -73,14 +73,14 @@ fn memory_reports_sweep_and_migration() {
     let gone = s.sweep(2011, 10).unwrap();
     assert_eq!(gone.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["r2"]);
     // a dies: r1 moves to b.
-    let m = s.migrate("r1", "a", &cs, 3000).unwrap().unwrap();
+    let m = s.migrate("r1", "a", &cs).unwrap().unwrap();
     assert_eq!((m.server_id.as_str(), m.migrated_from.as_deref(), m.lost), ("b", Some("a"), false));
     assert_eq!(s.load().unwrap().get("b").map(|l| l.reserved), Some(16));
     assert!(!s.load().unwrap().contains_key("a"));
     // Already moved: a second migration from a does nothing.
-    assert_eq!(s.migrate("r1", "a", &cs, 3000).unwrap(), None);
+    assert_eq!(s.migrate("r1", "a", &cs).unwrap(), None);
     // b dies with nowhere to go: lost.
-    let lost = s.migrate("r1", "b", &cs[1..], 4000).unwrap().unwrap();
+    let lost = s.migrate("r1", "b", &cs[1..]).unwrap().unwrap();
     assert!(lost.lost);
     assert!(s.get("r1").unwrap().unwrap().lost);
 }

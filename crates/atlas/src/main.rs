@@ -144,10 +144,11 @@ fn main() -> ExitCode {
 }
 
 /// Restores the game server registry from its snapshot and starts the
-/// monitor (heartbeats, auto-scale) when a listener is in game mode.
-fn start_game(cfg: &atlas_config::Config) {
+/// monitor (heartbeats, auto-scale) and the room gateway (its store) when a
+/// listener is in game mode.
+fn start_game(cfg: &atlas_config::Config) -> Result<(), String> {
     if !cfg.listeners.iter().any(|l| l.mode == atlas_config::Mode::Game) {
-        return;
+        return Ok(());
     }
     let s = &cfg.spatial;
     if let Some(path) = &s.snapshot {
@@ -163,6 +164,7 @@ fn start_game(cfg: &atlas_config::Config) {
         tracing::warn!("config: a game listener without [api]: game servers have nowhere to register");
     }
     atlas_game::registry::spawn_monitor(cfg.api.as_ref().map(|a| a.addr));
+    atlas_game::rooms::start(cfg)
 }
 
 /// Waits up to `timeout` for one of `signals` (all blocked in every thread).
@@ -181,7 +183,7 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
     if args.config.is_none() {
         tracing::info!("no CONFIG given: running the embedded default (the game gateway and its API)");
     }
-    start_game(&cfg);
+    start_game(&cfg)?;
     // Block the signals before any thread exists so every thread inherits
     // the mask and only this thread receives them (sigtimedwait below).
     let mut signals = SigSet::empty();

@@ -130,6 +130,10 @@ pub(crate) struct Session {
     last_out: Cell<Instant>,
     pinged: Cell<bool>,
     wished: Cell<Option<[i64; 3]>>,
+    /// A room join (`/rooms/{id}`): the player follows the room, not its position.
+    room: Option<String>,
+    /// The room's server was lost: wait until then for the room to migrate.
+    room_wait: Cell<Option<Instant>>,
 }
 
 impl Drop for Session {
@@ -235,6 +239,15 @@ impl Session {
             self.backend.borrow_mut().take();
         }
         self.stats().failovers.inc();
+        if self.room.is_some() {
+            // The room moves when the registry sees its server fail; hold
+            // the client's messages until then (see follow_room).
+            let s = self.settings.borrow().clone();
+            let limit = s.spatial.heartbeat_interval * s.spatial.heartbeat_misses + Duration::from_secs(5);
+            self.transferring.set(true);
+            self.room_wait.set(Some(Instant::now() + limit));
+            return;
+        }
         let current = self.server.borrow().clone();
         let p = self.last_pos.get().unwrap_or(current.center);
         let world = registry().world();
@@ -244,6 +257,37 @@ impl Session {
                 tracing::info!(player = %self.player.id, server = %current.id, "upstream: game server lost and no other server can take the player; asking it to reconnect");
                 self.fail(1012, "game server lost; reconnect");
             }
+        }
+    }
+
+    /// A room session follows its room: when the room moved to another
+    /// server (migration), the player moves too; after its server was lost,
+    /// the session waits (client messages held) until the room moved or
+    /// the wait ran out (close 1012). Called by the ticker.
+    pub(super) fn follow_room(self: &Rc<Self>) {
+        let Some(id) = &self.room else { return };
+        let waiting = self.room_wait.get();
+        if self.closing.get() || (self.transferring.get() && waiting.is_none()) {
+            return;
+        }
+        let current = self.server.borrow().clone();
+        match crate::rooms::rooms().store().cached(id) {
+            Some(r) if r.server_id != current.id && !r.lost => {
+                let world = registry().world();
+                if let Some(t) = world.get(&r.server_id).filter(|x| spatial::open(x)).cloned() {
+                    self.room_wait.set(None);
+                    self.transferring.set(false);
+                    self.start_transfer(t, Reason::Moved);
+                    return;
+                }
+            }
+            Some(_) => {}
+            None => crate::rooms::rooms().refresh(id),
+        }
+        if waiting.is_some_and(|d| Instant::now() > d) {
+            self.room_wait.set(None);
+            tracing::info!(player = %self.player.id, room = %id, "upstream: the room's game server failed and the room did not move in time; asking the client to reconnect");
+            self.fail(1012, "the room's game server failed; reconnect");
         }
     }
 
@@ -262,7 +306,7 @@ impl Session {
 
     /// Moves the player if its position calls for another server.
     fn reconsider(self: &Rc<Self>, p: Point, reason: Reason) {
-        if self.transferring.get() || self.closing.get() {
+        if self.transferring.get() || self.closing.get() || self.room.is_some() {
             return;
         }
         let settings = self.settings.borrow().clone();
@@ -299,7 +343,7 @@ impl Session {
     fn predict(self: &Rc<Self>, m: &Motion) {
         let settings = self.settings.borrow().clone();
         let horizon = settings.spatial.predict_horizon;
-        if horizon.is_zero() || self.transferring.get() || self.closing.get() {
+        if horizon.is_zero() || self.transferring.get() || self.closing.get() || self.room.is_some() {
             return;
         }
         let world = registry().world();
@@ -371,6 +415,14 @@ impl Session {
         if let Some(t) = &tok {
             extra.push(("X-Atlas-Transfer-Token", t));
         }
+        let join = self
+            .room
+            .as_ref()
+            .map(|id| crate::token::sign_join(&settings.token_key, id, &target.id, now + crate::rooms::rooms().settings().join_token_ttl.as_millis() as u64));
+        if let (Some(id), Some(j)) = (&self.room, &join) {
+            extra.push(("X-Atlas-Room-Id", id));
+            extra.push(("X-Atlas-Join-Token", j));
+        }
         let mut conn = connect(&self.hs, target, &extra, self.ctx.timeouts.connect).await?;
         conn.token = tok;
         Ok(conn)
@@ -422,7 +474,9 @@ impl Session {
                         ok: false,
                         reason: reason.as_str(),
                     });
-                    if s.backend.borrow().is_none() && !s.writing.get() {
+                    if s.backend.borrow().is_none() && !s.writing.get() && s.room.is_some() {
+                        s.fail(1012, "the room's game server is unavailable; reconnect");
+                    } else if s.backend.borrow().is_none() && !s.writing.get() {
                         // The old server is gone too: try another, else give up.
                         let p = s.last_pos.get().unwrap_or(target.center);
                         let world = registry().world();
@@ -615,7 +669,10 @@ async fn read_handshake<S: AsyncReadRent + AsyncWriteRent>(ctx: &ListenerCtx, cl
 async fn refuse<S: AsyncWriteRent>(client: &mut S, status: u16, why: &str, extra: &str) {
     let reason = match status {
         400 => "Bad Request",
+        404 => "Not Found",
         405 => "Method Not Allowed",
+        410 => "Gone",
+        429 => "Too Many Requests",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
@@ -665,6 +722,37 @@ fn player_id(hs: &ClientHandshake) -> String {
         .unwrap_or_else(|| format!("p-{}", token::new_id()))
 }
 
+/// A join through Atlas (`/rooms/{id}`): the room's id, its server and a
+/// join token for it, or the refusal (404 unknown, 410 lost, 429 over
+/// `[rooms] join_rate`, 503 server or store unavailable).
+async fn join_room(hs: &ClientHandshake, peer: SocketAddr) -> Result<(String, Arc<Server>, String), (u16, String)> {
+    let r = crate::rooms::rooms();
+    let Some(id) = crate::rooms::room_path(&hs.path) else { return Err((404, "not a room id".into())) };
+    let rate = r.settings().join_rate;
+    if !r.joins.admit(peer.ip(), rate) {
+        return Err((429, format!("joins from {} are over [rooms] join_rate ({rate}/s)", peer.ip())));
+    }
+    // The cache first; on a miss the rooms thread fetches it (never this worker).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let room = loop {
+        match r.cached_or_fetch(id) {
+            Ok(room) => break room,
+            Err(true) => return Err((404, format!("no room {id}"))),
+            Err(false) if Instant::now() < deadline => monoio::time::sleep(Duration::from_millis(2)).await,
+            Err(false) => return Err((503, "the room store did not answer; retry".into())),
+        }
+    };
+    if room.lost {
+        return Err((410, format!("room {id}: its game server failed and no other server could take it")));
+    }
+    let world = registry().world();
+    let Some(server) = world.get(&room.server_id).filter(|s| spatial::open(s)).cloned() else {
+        return Err((503, format!("room {id}: its game server is unavailable (the room is moving); retry")));
+    };
+    let join = r.join_token(&room);
+    Ok((id.to_string(), server, join))
+}
+
 /// Serves one game-listener connection (plain or TLS).
 pub async fn serve<S>(ctx: Rc<ListenerCtx>, mut client: S, peer: SocketAddr, client_fd: RawFd)
 where
@@ -686,8 +774,23 @@ where
     let settings = registry().settings();
     let start = start_position(&hs);
     let id = player_id(&hs);
+    // A room join goes to the room's server and nowhere else.
+    let room = if hs.path.starts_with("/rooms/") {
+        match join_room(&hs, peer).await {
+            Ok(r) => Some(r),
+            Err((status, why)) => {
+                slot(w).refused.inc();
+                let extra = if status == 429 || status == 503 { "Retry-After: 1\r\n" } else { "" };
+                refuse(&mut client, status, &why, extra).await;
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let world = registry().world();
     let first = match start {
+        _ if room.is_some() => room.as_ref().map(|(_, s, _)| s.clone()),
         Some(p) => {
             let r = spatial::route(&world, p, None);
             if settings.spatial.auto_scale && r.as_ref().is_none_or(|(_, uncovered)| *uncovered) {
@@ -706,9 +809,19 @@ where
     let xff = forwarded_for(peer);
     let mut tried: Vec<String> = Vec::new();
     let conn = loop {
-        let extra = [("X-Atlas-Player-Id", id.as_str()), ("X-Forwarded-For", xff.as_str())];
+        let mut extra = vec![("X-Atlas-Player-Id", id.as_str()), ("X-Forwarded-For", xff.as_str())];
+        if let Some((room_id, _, join)) = &room {
+            extra.push(("X-Atlas-Room-Id", room_id.as_str()));
+            extra.push(("X-Atlas-Join-Token", join.as_str()));
+        }
         match connect(&hs, &server, &extra, ctx.timeouts.connect).await {
             Ok(c) => break c,
+            Err(e) if room.is_some() => {
+                tracing::info!(player = %id, server = %server.id, error = %e, "upstream: cannot open the connection to the room's game server");
+                slot(w).refused.inc();
+                refuse(&mut client, 502, "the room's game server did not accept the connection", "Retry-After: 1\r\n").await;
+                return;
+            }
             Err(e) => {
                 tracing::info!(player = %id, server = %server.id, error = %e, "upstream: cannot open the player's game server connection (trying another)");
                 tried.push(server.id.clone());
@@ -768,6 +881,8 @@ where
         last_out: Cell::new(now),
         pinged: Cell::new(false),
         wished: Cell::new(None),
+        room: room.map(|(room_id, _, _)| room_id),
+        room_wait: Cell::new(None),
     });
     if let Some(p) = start {
         s.motion.set({

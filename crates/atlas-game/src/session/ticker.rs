@@ -67,8 +67,11 @@ async fn run() {
                     }
                 }
             }
-            // The fleet changed: is the player's server still usable?
-            if s.world_version.get() != world_version && !s.transferring.get() {
+            // A room session follows its room.
+            if s.room.is_some() {
+                s.follow_room();
+            } else if s.world_version.get() != world_version && !s.transferring.get() {
+                // The fleet changed: is the player's server still usable?
                 s.world_version.set(world_version);
                 let current = s.server.borrow().clone();
                 let world = registry().world();
