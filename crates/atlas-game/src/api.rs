@@ -224,8 +224,11 @@ pub fn handle(method: &str, path: &str, body: &[u8]) -> (u16, Value) {
         (_, ["api", "v1", "servers", _, "heartbeat"]) => method_not_allowed(method, path, "PUT"),
         ("DELETE", ["api", "v1", "servers", id] | ["servers", id]) => {
             if reg.unregister(id) {
-                // The fleet forgets it now, not when its lease runs out.
-                let _ = crate::rooms::rooms().store().remove_server(id);
+                // The fleet forgets it now, not when its lease runs out, and
+                // its rooms move now.
+                let r = crate::rooms::rooms();
+                let _ = r.store().remove_server(id);
+                r.migrate_from(id);
                 (200, json!({"success": true, "message": "unregistered"}))
             } else {
                 not_found(format!("unknown server `{id}`"))

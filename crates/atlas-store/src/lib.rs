@@ -45,6 +45,10 @@ pub struct Room {
     #[serde(default)]
     pub players: u32,
     pub created_at_ms: u64,
+    /// Creation order across the store (ids are random; many rooms share a
+    /// millisecond).
+    #[serde(default)]
+    pub seq: u64,
     /// Since when its server reports it empty or no longer reports it.
     #[serde(default)]
     pub idle_since_ms: Option<u64>,
@@ -137,9 +141,10 @@ pub trait RoomStore: Send + Sync {
     /// Removes the rooms idle for longer than `grace_ms`; returns them.
     fn sweep(&self, now_ms: u64, grace_ms: u64) -> Result<Vec<Room>, StoreError>;
     fn rooms_on(&self, server_id: &str) -> Result<Vec<Room>, StoreError>;
-    /// Moves a room off `from` to the best candidate. `Ok(None)`: it is no
-    /// longer on `from` (another instance moved it). No candidate: the room
-    /// is marked lost and returned as such.
+    /// Moves a room off `from` to the best candidate (`from` itself when it
+    /// is among them: a lost room whose server came back). `Ok(None)`: it
+    /// is no longer on `from` (another instance moved it). No candidate:
+    /// the room is marked lost and returned as such.
     fn migrate(&self, id: &str, from: &str, candidates: &[Candidate]) -> Result<Option<Room>, StoreError>;
     fn load(&self) -> Result<HashMap<String, Load>, StoreError>;
     /// The rooms migrated to `server_id` it was not told about yet (and

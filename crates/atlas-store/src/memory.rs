@@ -11,9 +11,11 @@ use crate::{expired, pick, reported, Candidate, Load, NewRoom, Room, RoomStore, 
 #[derive(Default)]
 struct State {
     rooms: HashMap<String, Room>,
-    /// (created_at_ms, id) for listing in creation order.
+    /// (seq, id) for listing in creation order.
     order: BTreeMap<(u64, String), ()>,
     load: HashMap<String, Load>,
+    /// The next room's `seq`.
+    next_seq: u64,
 }
 
 impl State {
@@ -21,13 +23,14 @@ impl State {
         let l = self.load.entry(r.server_id.clone()).or_default();
         l.reserved += u64::from(r.capacity);
         l.rooms += 1;
-        self.order.insert((r.created_at_ms, r.id.clone()), ());
+        self.order.insert((r.seq, r.id.clone()), ());
+        self.next_seq = self.next_seq.max(r.seq + 1);
         self.rooms.insert(r.id.clone(), r);
     }
 
     fn remove(&mut self, id: &str) -> Option<Room> {
         let r = self.rooms.remove(id)?;
-        self.order.remove(&(r.created_at_ms, r.id.clone()));
+        self.order.remove(&(r.seq, r.id.clone()));
         self.release(&r);
         Some(r)
     }
@@ -93,7 +96,9 @@ impl RoomStore for MemoryStore {
             return Err(StoreError::Exists);
         }
         let c = pick(candidates, room.capacity, &st.load)?;
+        let seq = st.next_seq;
         let r = Room {
+            seq,
             id: room.id.clone(),
             server_id: c.id.clone(),
             address: c.address.clone(),
@@ -167,16 +172,21 @@ impl RoomStore for MemoryStore {
         if r.server_id != from {
             return Ok(None);
         }
-        let others: Vec<Candidate> = candidates.iter().filter(|c| c.id != from).cloned().collect();
-        let moved = match pick(&others, r.capacity, &st.load) {
+        // Its own slots count as free when it may stay.
+        let mut load = st.load.clone();
+        if let Some(l) = load.get_mut(from) {
+            l.reserved = l.reserved.saturating_sub(u64::from(r.capacity));
+        }
+        let moved = match pick(candidates, r.capacity, &load) {
             Ok(c) => {
                 st.remove(id);
+                let elsewhere = c.id != from;
                 let m = Room {
                     server_id: c.id.clone(),
                     address: c.address.clone(),
-                    migrated_from: Some(from.to_string()),
+                    migrated_from: if elsewhere { Some(from.to_string()) } else { r.migrated_from.clone() },
                     lost: false,
-                    announce: true,
+                    announce: elsewhere,
                     players: 0,
                     idle_since_ms: None,
                     ..r

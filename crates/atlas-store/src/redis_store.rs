@@ -251,7 +251,10 @@ impl RoomStore for RedisStore {
         let (reserved, nrooms, rooms, events) = (self.key("reserved"), self.key("nrooms"), self.key("rooms"), self.key("events"));
         let rk = self.key(&format!("room:{}", room.id));
         let srv = |id: &str| self.key(&format!("srv:{id}"));
+        let seq_key = self.key("seq");
         let res = self.with(|con| {
+            // Creation order across the fleet (a gap when a create fails is fine).
+            let seq: u64 = redis::cmd("INCR").arg(&seq_key).query(con)?;
             redis::transaction(con, &[&reserved], |con, pipe| {
                 let exists: bool = redis::cmd("EXISTS").arg(&rk).query(con)?;
                 if exists {
@@ -263,6 +266,7 @@ impl RoomStore for RedisStore {
                     Err(e) => return Ok(Some(Err(e))),
                 };
                 let r = Room {
+                    seq,
                     id: room.id.clone(),
                     server_id: c.id.clone(),
                     address: c.address.clone(),
@@ -280,7 +284,7 @@ impl RoomStore for RedisStore {
                 pipe.cmd("HINCRBY").arg(&reserved).arg(&c.id).arg(i64::from(room.capacity)).ignore();
                 pipe.cmd("HINCRBY").arg(&nrooms).arg(&c.id).arg(1).ignore();
                 pipe.cmd("SET").arg(&rk).arg(json(&r)).ignore();
-                pipe.cmd("ZADD").arg(&rooms).arg(room.now_ms).arg(&room.id).ignore();
+                pipe.cmd("ZADD").arg(&rooms).arg(seq).arg(&room.id).ignore();
                 pipe.cmd("SADD").arg(srv(&c.id)).arg(&room.id).ignore();
                 pipe.cmd("PUBLISH").arg(&events).arg(format!("room:{}", room.id)).ignore();
                 let done: Option<()> = pipe.query(con)?;
@@ -392,22 +396,26 @@ impl RoomStore for RedisStore {
     fn migrate(&self, id: &str, from: &str, candidates: &[Candidate]) -> Result<Option<Room>, StoreError> {
         let (reserved, nrooms, events, prefix) = (self.key("reserved"), self.key("nrooms"), self.key("events"), self.prefix.clone());
         let rk = self.key(&format!("room:{id}"));
-        let others: Vec<Candidate> = candidates.iter().filter(|c| c.id != from).cloned().collect();
         let out = self.with(|con| {
             redis::transaction(con, &[&rk, &reserved], |con, pipe| {
                 let Some(r) = parse_room(redis::cmd("GET").arg(&rk).query(con)?) else { return Ok(Some(None)) };
                 if r.server_id != from {
                     return Ok(Some(None));
                 }
-                let load = Self::load_of(con, &reserved, &nrooms)?;
-                let moved = match pick(&others, r.capacity, &load) {
+                let mut load = Self::load_of(con, &reserved, &nrooms)?;
+                // Its own slots count as free when it may stay.
+                if let Some(l) = load.get_mut(from) {
+                    l.reserved = l.reserved.saturating_sub(u64::from(r.capacity));
+                }
+                let moved = match pick(candidates, r.capacity, &load) {
                     Ok(c) => {
+                        let elsewhere = c.id != from;
                         let m = Room {
                             server_id: c.id.clone(),
                             address: c.address.clone(),
-                            migrated_from: Some(from.to_string()),
+                            migrated_from: if elsewhere { Some(from.to_string()) } else { r.migrated_from.clone() },
                             lost: false,
-                            announce: true,
+                            announce: elsewhere,
                             players: 0,
                             idle_since_ms: None,
                             ..r.clone()

@@ -80,9 +80,15 @@ fn memory_reports_sweep_and_migration() {
     // Already moved: a second migration from a does nothing.
     assert_eq!(s.migrate("r1", "a", &cs).unwrap(), None);
     // b dies with nowhere to go: lost.
-    let lost = s.migrate("r1", "b", &cs[1..]).unwrap().unwrap();
+    let lost = s.migrate("r1", "b", &[]).unwrap().unwrap();
     assert!(lost.lost);
     assert!(s.get("r1").unwrap().unwrap().lost);
+    // b comes back and is preferred: the room stays there, not announced.
+    let mut back = cs.clone();
+    back[1].preferred = true;
+    let stay = s.migrate("r1", "b", &back).unwrap().unwrap();
+    assert_eq!((stay.server_id.as_str(), stay.lost, stay.announce), ("b", false, false));
+    assert_eq!(s.load().unwrap().get("b").map(|l| l.reserved), Some(16), "its slots counted once");
 }
 
 #[test]

@@ -199,13 +199,14 @@ impl Rooms {
 
 /// The rooms thread: worker fetches as they come; every 200 ms the shared
 /// registry sync and failed-server migration; every second the sweep;
-/// every 5 s another try for lost rooms.
+/// every 5 s a scan for lost rooms and rooms on vanished servers.
 fn run(rx: Receiver<String>) {
     let r = rooms();
     let mut last_sweep = Instant::now();
     let mut last_lost = Instant::now();
     let mut last_sync = Instant::now() - Duration::from_secs(10);
     let mut up: HashSet<String> = HashSet::new();
+    let started = Instant::now();
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(id) => {
@@ -244,7 +245,10 @@ fn run(rx: Receiver<String>) {
         }
         if last_lost.elapsed() >= Duration::from_secs(5) {
             last_lost = Instant::now();
-            retry_lost(r);
+            // Right after a start the servers have not re-registered yet:
+            // their rooms are not orphans.
+            let s = registry().settings();
+            retry_lost(r, started.elapsed() > s.spatial.heartbeat_interval * s.spatial.heartbeat_misses);
         }
     }
 }
@@ -261,14 +265,20 @@ fn fetch(r: &Rooms, id: &str) {
     }
 }
 
-/// Lost rooms (their server died with nowhere to go) get another chance.
-fn retry_lost(r: &Rooms) {
+/// Lost rooms (their server died with nowhere to go) get another chance,
+/// and rooms on a server the registry no longer has (gone between two
+/// ticks) are moved.
+fn retry_lost(r: &Rooms, vanished_too: bool) {
     let store = r.store();
     let mut offset = 0;
     loop {
         let Ok((page, total)) = store.list(offset, 500) else { return };
-        for room in page.iter().filter(|x| x.lost) {
-            let c = registry().room_candidates(None);
+        let world = registry().world();
+        let vanished = |x: &Room| vanished_too && world.get(&x.server_id).is_none_or(|s| s.status == Status::Down);
+        for room in page.iter().filter(|x| x.lost || vanished(x)) {
+            // A lost room whose server is back stays there.
+            let mut c = registry().room_candidates(None);
+            c.iter_mut().for_each(|c| c.preferred = c.id == room.server_id);
             if let Ok(Some(m)) = store.migrate(&room.id, &room.server_id, &c) {
                 if !m.lost {
                     tracing::info!(room = %m.id, to = %m.server_id, "lost room placed on a server again");

@@ -726,6 +726,12 @@ struct Inner {
     heartbeats_ok: AtomicUsize,
     heartbeat_stop: AtomicBool,
     heartbeat_thread: Mutex<Option<JoinHandle<()>>>,
+    /// The `rooms` field of heartbeats (`{"<room_id>": players}`); `None`:
+    /// heartbeats carry no `rooms` field at all.
+    room_reports: Mutex<Option<Value>>,
+    /// Overrides the `current_connections` heartbeats report (default: the
+    /// open connections).
+    reported_players: Mutex<Option<u64>>,
 }
 
 impl Inner {
@@ -768,6 +774,8 @@ impl GameServer {
             heartbeats_ok: AtomicUsize::new(0),
             heartbeat_stop: AtomicBool::new(false),
             heartbeat_thread: Mutex::new(None),
+            room_reports: Mutex::new(None),
+            reported_players: Mutex::new(None),
         });
         let acceptor = inner.clone();
         let handle = thread::Builder::new()
@@ -929,6 +937,20 @@ impl GameServer {
     /// POST `/api/v1/servers/register`; stores `server_id` from the answer.
     /// Err (with status and body) unless 200/201 with a `server_id`.
     pub fn register(&self, api: SocketAddr, region_coord: (i64, i64, i64), center: (f64, f64, f64), bounds: f64, capacity: u32) -> Result<Value, String> {
+        self.register_with_metadata(api, region_coord, center, bounds, capacity, json!({}))
+    }
+
+    /// [`GameServer::register`] with a registration `metadata` value (e.g.
+    /// `{"region": "eu"}` for the room gateway's region preference).
+    pub fn register_with_metadata(
+        &self,
+        api: SocketAddr,
+        region_coord: (i64, i64, i64),
+        center: (f64, f64, f64),
+        bounds: f64,
+        capacity: u32,
+        metadata: Value,
+    ) -> Result<Value, String> {
         self.inner.capacity.store(capacity, Ordering::SeqCst);
         let body = json!({
             "name": self.inner.name,
@@ -938,7 +960,7 @@ impl GameServer {
             "bounds": bounds,
             "capacity": capacity,
             "version": "0.3.1",
-            "metadata": {},
+            "metadata": metadata,
         });
         let (status, _head, raw) = http_request(api, "POST", "/api/v1/servers/register", Some(&body), &[])?;
         let text = String::from_utf8_lossy(&raw).into_owned();
@@ -1003,6 +1025,20 @@ impl GameServer {
         }
     }
 
+    /// Sets the `rooms` field of the following heartbeats: `Some(map)` sends
+    /// `"rooms": {"<room_id>": players, ...}`, `None` (the default) sends no
+    /// `rooms` field.
+    pub fn set_room_reports(&self, rooms: Option<&[(&str, u64)]>) {
+        let value = rooms.map(|list| Value::Object(list.iter().map(|(id, n)| (id.to_string(), json!(n))).collect()));
+        *lock(&self.inner.room_reports) = value;
+    }
+
+    /// Makes the following heartbeats report `players` as
+    /// `current_connections` (`None`: the open connections, the default).
+    pub fn set_reported_players(&self, players: Option<u64>) {
+        *lock(&self.inner.reported_players) = players;
+    }
+
     /// Commands received in heartbeat answers, in order.
     pub fn commands(&self) -> Vec<Value> {
         lock(&self.inner.commands).clone()
@@ -1031,9 +1067,10 @@ impl Drop for GameServer {
 fn heartbeat_once(inner: &Inner, api: SocketAddr) -> Result<Value, String> {
     let id = lock(&inner.server_id).clone().ok_or_else(|| format!("heartbeat {}: not registered", inner.name))?;
     let open = lock(&inner.open).len();
+    let open = lock(&inner.reported_players).map_or(open, |n| n as usize);
     let capacity = inner.capacity.load(Ordering::SeqCst);
     let load = if capacity == 0 { 0.0 } else { open as f64 / capacity as f64 };
-    let body = json!({
+    let mut body = json!({
         "server_id": id,
         "current_connections": open,
         "load": load,
@@ -1041,6 +1078,9 @@ fn heartbeat_once(inner: &Inner, api: SocketAddr) -> Result<Value, String> {
         "avg_tick_ms": 0.0,
         "memory_bytes": 0,
     });
+    if let Some(rooms) = lock(&inner.room_reports).clone() {
+        body["rooms"] = rooms;
+    }
     let (status, _, raw) = http_request(api, "PUT", &format!("/api/v1/servers/{id}/heartbeat"), Some(&body), &[])?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     if !(200..300).contains(&status) {
