@@ -84,6 +84,28 @@ fn game(out: &mut String) {
         h.merge(&s.switch_time);
     }
     histogram(out, "atlas_game_transfer_switch_seconds", "", &h);
+    rooms(out);
+}
+
+/// The room gateway's counters (this instance's; a fleet sums them).
+fn rooms(out: &mut String) {
+    let st = &atlas_game::rooms::rooms().stats;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    family(out, "atlas_rooms_created_total", "counter", "Rooms created through this instance.");
+    let _ = writeln!(out, "atlas_rooms_created_total {}", get(&st.created));
+    family(out, "atlas_rooms_create_refused_total", "counter", "Room creations refused, by reason.");
+    let _ = writeln!(out, "atlas_rooms_create_refused_total{{reason=\"full\"}} {}", get(&st.refused_full));
+    let _ = writeln!(out, "atlas_rooms_create_refused_total{{reason=\"store_unavailable\"}} {}", get(&st.store_errors));
+    let _ = writeln!(out, "atlas_rooms_create_refused_total{{reason=\"rate_limited\"}} {}", get(&st.rate_limited));
+    family(out, "atlas_rooms_removed_total", "counter", "Rooms removed, by cause.");
+    let _ = writeln!(out, "atlas_rooms_removed_total{{cause=\"deleted\"}} {}", get(&st.deleted));
+    let _ = writeln!(out, "atlas_rooms_removed_total{{cause=\"empty\"}} {}", get(&st.cleaned));
+    family(out, "atlas_rooms_migrated_total", "counter", "Rooms moved off a failed game server (lost: no server could take them).");
+    let _ = writeln!(out, "atlas_rooms_migrated_total{{result=\"ok\"}} {}", get(&st.migrated));
+    let _ = writeln!(out, "atlas_rooms_migrated_total{{result=\"lost\"}} {}", get(&st.lost));
+    family(out, "atlas_rooms_joins_total", "counter", "Joins through Atlas (/rooms/{id}), by result.");
+    let _ = writeln!(out, "atlas_rooms_joins_total{{result=\"ok\"}} {}", get(&st.joins));
+    let _ = writeln!(out, "atlas_rooms_joins_total{{result=\"refused\"}} {}", get(&st.joins_refused));
 }
 
 pub fn render(state: &AdminState) -> String {

@@ -18,7 +18,7 @@ use atlas_store::{NewRoom, Room, StoreError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::rooms;
+use super::{rooms, RoomStats};
 use crate::api::Access;
 use crate::registry::registry;
 
@@ -71,6 +71,7 @@ pub fn handle(method: &str, path: &str, query: &[(String, String)], body: &[u8],
         ("POST", ["api", "v1", "rooms"]) => {
             let settings = r.settings();
             if !r.creates.admit(peer, settings.create_rate) {
+                RoomStats::inc(&r.stats.rate_limited);
                 return err(429, format!("{peer} creates rooms faster than [rooms] create_rate ({}/s)", settings.create_rate));
             }
             let req: CreateReq = if body.iter().all(u8::is_ascii_whitespace) {
@@ -96,12 +97,14 @@ pub fn handle(method: &str, path: &str, query: &[(String, String)], body: &[u8],
             let candidates = registry().room_candidates(req.region.as_deref());
             match store.create(&new, &candidates) {
                 Ok(room) => {
+                    RoomStats::inc(&r.stats.created);
                     tracing::info!(room = %room.id, server = %room.server_id, capacity, "room created");
                     let mut v = room_json(&room);
                     v["success"] = json!(true);
                     (201, v)
                 }
                 Err(e @ StoreError::Full { no_server }) => {
+                    RoomStats::inc(&r.stats.refused_full);
                     if registry().settings().spatial.auto_scale {
                         registry().wish_server([0, 0, 0], "rooms_full");
                     }
@@ -111,7 +114,10 @@ pub fn handle(method: &str, path: &str, query: &[(String, String)], body: &[u8],
                         json!({"success": false, "error": format!("{e}: no game server can take a room of {capacity} players"), "reason": reason, "retry": true}),
                     )
                 }
-                Err(e @ StoreError::Unavailable(_)) => unavailable(&e),
+                Err(e @ StoreError::Unavailable(_)) => {
+                    RoomStats::inc(&r.stats.store_errors);
+                    unavailable(&e)
+                }
                 Err(e) => err(500, format!("internal: {e}")),
             }
         }
@@ -133,7 +139,9 @@ pub fn handle(method: &str, path: &str, query: &[(String, String)], body: &[u8],
         },
         ("DELETE", ["api", "v1", "rooms", id]) => match store.delete(id) {
             Ok(Some(room)) => {
+                RoomStats::inc(&r.stats.deleted);
                 tracing::info!(room = %room.id, server = %room.server_id, "room deleted");
+                registry().queue_command(&room.server_id, json!({"type": "RoomClosed", "room_id": room.id, "reason": "deleted"}));
                 (200, json!({"success": true, "deleted": room.id}))
             }
             Ok(None) => err(404, format!("no room {id}")),

@@ -15,6 +15,7 @@ pub mod api;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -72,6 +73,33 @@ pub struct Rooms {
     /// Rooms a fetch found missing (workers answer 404 without waiting).
     misses: Mutex<HashMap<String, Instant>>,
     fetches: Mutex<Option<Sender<String>>>,
+    /// Counters for `/metrics`.
+    pub stats: RoomStats,
+}
+
+/// The room gateway's counters (process-wide; rare events, so atomics).
+#[derive(Default)]
+pub struct RoomStats {
+    pub created: AtomicU64,
+    /// Refused: no server had room (503 full / no_server).
+    pub refused_full: AtomicU64,
+    /// Failed: the store was unavailable (503).
+    pub store_errors: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub deleted: AtomicU64,
+    /// Removed by the sweep (empty or unreported past the grace).
+    pub cleaned: AtomicU64,
+    pub migrated: AtomicU64,
+    pub lost: AtomicU64,
+    /// Joins through Atlas that reached the room's server.
+    pub joins: AtomicU64,
+    pub joins_refused: AtomicU64,
+}
+
+impl RoomStats {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 static ROOMS: OnceLock<Rooms> = OnceLock::new();
@@ -86,6 +114,7 @@ pub fn rooms() -> &'static Rooms {
         joins: Limiter::new(),
         misses: Mutex::new(HashMap::new()),
         fetches: Mutex::new(None),
+        stats: RoomStats::default(),
     })
 }
 
@@ -174,9 +203,11 @@ impl Rooms {
         for r in rooms.into_iter().filter(|r| !r.lost) {
             match store.migrate(&r.id, server, &candidates) {
                 Ok(Some(m)) if m.lost => {
+                    RoomStats::inc(&self.stats.lost);
                     tracing::warn!(room = %r.id, server, "upstream: the room's game server failed and no other server can take the room; it answers 410 until one can");
                 }
                 Ok(Some(m)) => {
+                    RoomStats::inc(&self.stats.migrated);
                     tracing::info!(room = %r.id, from = server, to = %m.server_id, "room migrated off a failed game server");
                     atlas_observe::events::record("warn", "rooms", format!("room {} migrated from {server} to {}", r.id, m.server_id));
                 }
@@ -236,7 +267,10 @@ fn run(rx: Receiver<String>) {
             match store.sweep(atlas_observe::now_ms(), grace) {
                 Ok(gone) => {
                     for g in gone {
+                        RoomStats::inc(&r.stats.cleaned);
                         tracing::info!(room = %g.id, server = %g.server_id, "room removed: empty or unreported for longer than empty_grace");
+                        // Best effort: only a server registered with this instance hears it.
+                        registry().queue_command(&g.server_id, json!({"type": "RoomClosed", "room_id": g.id, "reason": "empty"}));
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "store: sweep skipped"),

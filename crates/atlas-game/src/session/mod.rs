@@ -780,6 +780,7 @@ where
             Ok(r) => Some(r),
             Err((status, why)) => {
                 slot(w).refused.inc();
+                crate::rooms::RoomStats::inc(&crate::rooms::rooms().stats.joins_refused);
                 let extra = if status == 429 || status == 503 { "Retry-After: 1\r\n" } else { "" };
                 refuse(&mut client, status, &why, extra).await;
                 return;
@@ -881,7 +882,10 @@ where
         last_out: Cell::new(now),
         pinged: Cell::new(false),
         wished: Cell::new(None),
-        room: room.map(|(room_id, _, _)| room_id),
+        room: room.map(|(room_id, _, _)| {
+            crate::rooms::RoomStats::inc(&crate::rooms::rooms().stats.joins);
+            room_id
+        }),
         room_wait: Cell::new(None),
     });
     if let Some(p) = start {
