@@ -147,6 +147,9 @@ fn main() -> ExitCode {
 /// monitor (heartbeats, auto-scale) and the room gateway (its store) when a
 /// listener is in game mode.
 fn start_game(cfg: &atlas_config::Config) -> Result<(), String> {
+    // The room API answers even without a game listener: open the store
+    // the config names.
+    atlas_game::rooms::start(cfg)?;
     if !cfg.listeners.iter().any(|l| l.mode == atlas_config::Mode::Game) {
         return Ok(());
     }
@@ -164,7 +167,7 @@ fn start_game(cfg: &atlas_config::Config) -> Result<(), String> {
         tracing::warn!("config: a game listener without [api]: game servers have nowhere to register");
     }
     atlas_game::registry::spawn_monitor(cfg.api.as_ref().map(|a| a.addr));
-    atlas_game::rooms::start(cfg)
+    Ok(())
 }
 
 /// Waits up to `timeout` for one of `signals` (all blocked in every thread).
