@@ -63,6 +63,44 @@ pub struct Room {
     pub announce: bool,
 }
 
+impl Room {
+    /// The room a create places on `c`.
+    fn placed(n: &NewRoom, c: &Candidate, seq: u64) -> Room {
+        Room {
+            id: n.id.clone(),
+            server_id: c.id.clone(),
+            address: c.address.clone(),
+            mode: n.mode.clone(),
+            region: n.region.clone(),
+            capacity: n.capacity,
+            metadata: n.metadata.clone(),
+            players: 0,
+            created_at_ms: n.now_ms,
+            seq,
+            idle_since_ms: None,
+            migrated_from: None,
+            lost: false,
+            announce: false,
+        }
+    }
+
+    /// This room after a migration off `from` onto `c` (which may be
+    /// `from` itself: a lost room whose server came back).
+    fn moved(self, from: &str, c: &Candidate) -> Room {
+        let elsewhere = c.id != from;
+        Room {
+            server_id: c.id.clone(),
+            address: c.address.clone(),
+            migrated_from: if elsewhere { Some(from.to_string()) } else { self.migrated_from.clone() },
+            lost: false,
+            announce: elsewhere,
+            players: 0,
+            idle_since_ms: None,
+            ..self
+        }
+    }
+}
+
 /// What a create asks for (the id is chosen by the caller).
 #[derive(Clone, Debug)]
 pub struct NewRoom {

@@ -96,23 +96,7 @@ impl RoomStore for MemoryStore {
             return Err(StoreError::Exists);
         }
         let c = pick(candidates, room.capacity, &st.load)?;
-        let seq = st.next_seq;
-        let r = Room {
-            seq,
-            id: room.id.clone(),
-            server_id: c.id.clone(),
-            address: c.address.clone(),
-            mode: room.mode.clone(),
-            region: room.region.clone(),
-            capacity: room.capacity,
-            metadata: room.metadata.clone(),
-            players: 0,
-            created_at_ms: room.now_ms,
-            idle_since_ms: None,
-            migrated_from: None,
-            lost: false,
-            announce: false,
-        };
+        let r = Room::placed(room, c, st.next_seq);
         st.insert(r.clone());
         self.save(&st);
         Ok(r)
@@ -180,17 +164,7 @@ impl RoomStore for MemoryStore {
         let moved = match pick(candidates, r.capacity, &load) {
             Ok(c) => {
                 st.remove(id);
-                let elsewhere = c.id != from;
-                let m = Room {
-                    server_id: c.id.clone(),
-                    address: c.address.clone(),
-                    migrated_from: if elsewhere { Some(from.to_string()) } else { r.migrated_from.clone() },
-                    lost: false,
-                    announce: elsewhere,
-                    players: 0,
-                    idle_since_ms: None,
-                    ..r
-                };
+                let m = r.moved(from, c);
                 st.insert(m.clone());
                 m
             }

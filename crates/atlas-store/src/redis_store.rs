@@ -265,22 +265,7 @@ impl RoomStore for RedisStore {
                     Ok(c) => c,
                     Err(e) => return Ok(Some(Err(e))),
                 };
-                let r = Room {
-                    seq,
-                    id: room.id.clone(),
-                    server_id: c.id.clone(),
-                    address: c.address.clone(),
-                    mode: room.mode.clone(),
-                    region: room.region.clone(),
-                    capacity: room.capacity,
-                    metadata: room.metadata.clone(),
-                    players: 0,
-                    created_at_ms: room.now_ms,
-                    idle_since_ms: None,
-                    migrated_from: None,
-                    lost: false,
-                    announce: false,
-                };
+                let r = Room::placed(room, c, seq);
                 pipe.cmd("HINCRBY").arg(&reserved).arg(&c.id).arg(i64::from(room.capacity)).ignore();
                 pipe.cmd("HINCRBY").arg(&nrooms).arg(&c.id).arg(1).ignore();
                 pipe.cmd("SET").arg(&rk).arg(json(&r)).ignore();
@@ -409,17 +394,7 @@ impl RoomStore for RedisStore {
                 }
                 let moved = match pick(candidates, r.capacity, &load) {
                     Ok(c) => {
-                        let elsewhere = c.id != from;
-                        let m = Room {
-                            server_id: c.id.clone(),
-                            address: c.address.clone(),
-                            migrated_from: if elsewhere { Some(from.to_string()) } else { r.migrated_from.clone() },
-                            lost: false,
-                            announce: elsewhere,
-                            players: 0,
-                            idle_since_ms: None,
-                            ..r.clone()
-                        };
+                        let m = r.clone().moved(from, c);
                         pipe.cmd("HINCRBY").arg(&reserved).arg(from).arg(-i64::from(r.capacity)).ignore();
                         pipe.cmd("HINCRBY").arg(&nrooms).arg(from).arg(-1).ignore();
                         pipe.cmd("HINCRBY").arg(&reserved).arg(&c.id).arg(i64::from(r.capacity)).ignore();

@@ -70,19 +70,6 @@ fn walking_across_a_border_moves_the_player_without_losing_a_message() {
     assert_eq!(players["players"][0]["server_id"].as_str(), b.server_id().as_deref(), "{players}");
 }
 
-/// The value of the sample `key` (name plus labels) in `GET /metrics`.
-fn metric(atlas: &Atlas, key: &str) -> f64 {
-    let (status, text) = game::http_raw(atlas.api.unwrap(), "GET /metrics HTTP/1.1\r\nHost: atlas\r\nConnection: close\r\n\r\n");
-    assert_eq!(status, 200, "GET /metrics: {text}");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == key).then(|| v.trim().parse::<f64>().ok()).flatten()
-        })
-        .unwrap_or_else(|| panic!("no sample {key} in /metrics:\n{text}"))
-}
-
 /// Players, servers (one 1000-unit region each along x) and round trips:
 /// each round trip crosses every border twice, so the run makes
 /// PLAYERS x ROUNDS x 2 x (SERVERS - 1) transfers (20 x 6 x 2 x 5 = 1200).
@@ -166,8 +153,8 @@ fn over_a_thousand_transfers_every_message_exactly_once_in_order() {
     let expected = PLAYERS * ROUNDS * 2 * (SERVERS as usize - 1);
     assert_eq!(switches, expected, "switches seen by the players");
     assert!(expected > 1000);
-    assert_eq!(metric(&atlas, "atlas_game_transfers_total{result=\"ok\"}"), expected as f64);
-    assert_eq!(metric(&atlas, "atlas_game_transfers_total{result=\"failed\"}"), 0.0);
+    assert_eq!(game::metric(atlas.api.unwrap(), "atlas_game_transfers_total{result=\"ok\"}"), expected as f64);
+    assert_eq!(game::metric(atlas.api.unwrap(), "atlas_game_transfers_total{result=\"failed\"}"), 0.0);
 }
 
 /// After a walk of `sent` messages, keeps sending moves at `x` (2 ms

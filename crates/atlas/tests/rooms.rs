@@ -995,16 +995,6 @@ fn bad_store_backend_or_url_is_a_config_error() {
     assert_eq!(code, Some(0), "{out}{err}");
 }
 
-/// The value of `key` (name plus labels) in `GET /metrics`.
-fn metric(api: SocketAddr, key: &str) -> f64 {
-    let (status, text) = game::http_raw(api, "GET /metrics HTTP/1.1\r\nHost: atlas\r\nConnection: close\r\n\r\n");
-    assert_eq!(status, 200, "GET /metrics: {text}");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.rsplit_once(' ').filter(|(k, _)| *k == key).and_then(|(_, v)| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no sample {key} in /metrics:\n{text}"))
-}
-
 #[test]
 fn room_counters_in_metrics() {
     let store = Store::new(Backend::Memory);
@@ -1018,11 +1008,11 @@ fn room_counters_in_metrics() {
     let (status, _) = WsClient::raw_handshake(atlas.addr(), &upgrade_request("/rooms/nope"));
     assert_eq!(status, 404);
     assert_eq!(delete_room(api, &room_id(&a)), 200);
-    assert_eq!(metric(api, "atlas_rooms_created_total"), 1.0);
-    assert_eq!(metric(api, "atlas_rooms_create_refused_total{reason=\"full\"}"), 1.0);
-    assert_eq!(metric(api, "atlas_rooms_joins_total{result=\"ok\"}"), 1.0);
-    assert_eq!(metric(api, "atlas_rooms_joins_total{result=\"refused\"}"), 1.0);
-    assert_eq!(metric(api, "atlas_rooms_removed_total{cause=\"deleted\"}"), 1.0);
+    assert_eq!(game::metric(api, "atlas_rooms_created_total"), 1.0);
+    assert_eq!(game::metric(api, "atlas_rooms_create_refused_total{reason=\"full\"}"), 1.0);
+    assert_eq!(game::metric(api, "atlas_rooms_joins_total{result=\"ok\"}"), 1.0);
+    assert_eq!(game::metric(api, "atlas_rooms_joins_total{result=\"refused\"}"), 1.0);
+    assert_eq!(game::metric(api, "atlas_rooms_removed_total{cause=\"deleted\"}"), 1.0);
     // The server hears that its room closed (in a heartbeat answer; they
     // run every 200 ms in the background).
     assert!(

@@ -1454,6 +1454,17 @@ pub fn http_json(addr: SocketAddr, method: &str, path: &str, body: Option<&Value
     Ok((status, serde_json::from_slice(&raw).unwrap_or(Value::Null)))
 }
 
+/// The value of the sample `key` (name plus labels, exactly as printed) in
+/// `GET /metrics` on `api`; panics when it is missing.
+pub fn metric(api: SocketAddr, key: &str) -> f64 {
+    let (status, text) = http_raw(api, "GET /metrics HTTP/1.1\r\nHost: atlas\r\nConnection: close\r\n\r\n");
+    assert_eq!(status, 200, "GET /metrics: {text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(' ').filter(|(k, _)| *k == key).and_then(|(_, v)| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no sample {key} in /metrics:\n{text}"))
+}
+
 /// Sends `request` as is; returns the status (0 if no answer) and the whole
 /// response as text (head + body as received), read until the response is
 /// complete, EOF or the timeout.
