@@ -113,6 +113,15 @@ class Procs:
         self.items.append((name, p, logpath))
         return p
 
+    def start_on(self, cpu, logpath, argv):
+        """Starts argv pinned to `cpu` (taskset), output to `logpath`."""
+        f = open(logpath, "wb")
+        p = subprocess.Popen(["taskset", "-c", str(cpu)] + list(argv), stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                             start_new_session=True, preexec_fn=_set_pdeathsig, cwd=self.tmp)
+        f.close()
+        self.items.append((os.path.basename(logpath), p, logpath))
+        return p
+
     def check_alive(self):
         for name, p, logpath in self.items:
             if p.poll() is not None:
@@ -142,6 +151,27 @@ class Procs:
             except subprocess.TimeoutExpired:
                 pass
         self.items = []
+
+
+def free_port():
+    """A loopback port nobody listens on right now."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=10.0):
+    """Waits until something accepts TCP connections on 127.0.0.1:port."""
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} never opened")
 
 
 def tail(path, n=20):

@@ -21,6 +21,9 @@ PLAYERS=20 CROSSINGS=20 CAP=40 (0: skip the capped runs).
 import os, re, shutil, subprocess, sys, tempfile, time, statistics, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benches"))
+import bench  # noqa: E402  (shared helpers: processes, ports, CPU ticks)
+PROCS = None  # bench.Procs, set in main()
 ATLAS = os.environ.get("ATLAS_BIN", os.path.join(ROOT, "target/release/atlas"))
 WSLOAD = os.path.join(ROOT, "target/release/examples/wsload")
 RUNS = int(os.environ.get("RUNS", 3)); SECS = float(os.environ.get("SECS", 5))
@@ -29,35 +32,16 @@ SESSIONS = int(os.environ.get("SESSIONS", 9000))
 PLAYERS = int(os.environ.get("PLAYERS", 20)); CROSSINGS = int(os.environ.get("CROSSINGS", 20))
 CAP = int(os.environ.get("CAP", 40))
 TICK = os.sysconf("SC_CLK_TCK")
-procs = []
-
-def start(cmd, cpu, log):
-    p = subprocess.Popen(["taskset", "-c", str(cpu)] + cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    procs.append(p); return p
-
-def cpu_secs(pid):
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TICK
 
 def tree_cpu(pid):
-    pids = [pid] + [int(x) for x in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-    return sum(cpu_secs(p) for p in pids)
+    """CPU seconds of a server and its children (bench.cpu_ticks)."""
+    return bench.cpu_ticks(pid)[0] / TICK
 
 def rss_kib(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-def wait_port(port, t=10):
-    import socket
-    end = time.time() + t
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close(); return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} never opened")
 
 def cpu_cap(pids, pct):
     """Puts `pids` in a cgroup limited to pct% of one CPU; returns an undo
@@ -163,18 +147,20 @@ def main():
         if not os.path.exists(b):
             raise SystemExit(f"{b} missing: cargo build --release -p atlas --bin atlas --example wsload")
     tmp = tempfile.mkdtemp(prefix="atlas-bench-game-")
+    global PROCS
+    PROCS = bench.Procs(tmp)
     try:
         api = "127.0.0.1:19201"
-        atlas = start([ATLAS, atlas_conf(tmp, 19200, api, 'predict_horizon = "0s"'), "--takeover-socket", f"{tmp}/t.sock"], 1, f"{tmp}/atlas.log")
-        wait_port(19200); wait_port(19201)
-        start([WSLOAD, "echo", "127.0.0.1:19210", api, "a", "0"], 0, f"{tmp}/echo-a.log")
-        start([WSLOAD, "echo", "127.0.0.1:19211", api, "b", "1"], 0, f"{tmp}/echo-b.log")
-        wait_port(19210); wait_port(19211); time.sleep(0.3)
+        atlas = PROCS.start_on(1, f"{tmp}/atlas.log", [ATLAS, atlas_conf(tmp, 19200, api, 'predict_horizon = "0s"'), "--takeover-socket", f"{tmp}/t.sock"])
+        bench.wait_port(19200); bench.wait_port(19201)
+        PROCS.start_on(0, f"{tmp}/echo-a.log", [WSLOAD, "echo", "127.0.0.1:19210", api, "a", "0"])
+        PROCS.start_on(0, f"{tmp}/echo-b.log", [WSLOAD, "echo", "127.0.0.1:19211", api, "b", "1"])
+        bench.wait_port(19210); bench.wait_port(19211); time.sleep(0.3)
         targets = [("atlas", 19200, atlas.pid)]
         if shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"):
             ng = shutil.which("nginx") or "/usr/sbin/nginx"
-            n = start([ng, "-p", tmp, "-c", nginx_conf(tmp, 19220, "127.0.0.1:19210")], 1, f"{tmp}/nginx.log")
-            wait_port(19220)
+            n = PROCS.start_on(1, f"{tmp}/nginx.log", [ng, "-p", tmp, "-c", nginx_conf(tmp, 19220, "127.0.0.1:19210")])
+            bench.wait_port(19220)
             targets.append(("nginx", 19220, n.pid))
         relay_table(targets, f"WebSocket relay, 64-byte messages, {CONNS} connections x window {WINDOW}, {SECS:.0f} s x {RUNS} runs (medians)")
         if CAP > 0:
@@ -191,11 +177,11 @@ def main():
         for label, extra in (("prediction off", None), ("prediction on (500ms)", "predict")):
             if extra:
                 atlas.terminate(); atlas.wait()
-                atlas = start([ATLAS, atlas_conf(tmp, 19200, api, 'predict_horizon = "500ms"'), "--takeover-socket", f"{tmp}/t2.sock"], 1, f"{tmp}/atlas2.log")
-                wait_port(19200); wait_port(19201)
+                atlas = PROCS.start_on(1, f"{tmp}/atlas2.log", [ATLAS, atlas_conf(tmp, 19200, api, 'predict_horizon = "500ms"'), "--takeover-socket", f"{tmp}/t2.sock"])
+                bench.wait_port(19200); bench.wait_port(19201)
                 for name, port, cx in (("a", 19212, 0), ("b", 19213, 1)):
-                    start([WSLOAD, "echo", f"127.0.0.1:{port}", api, name, str(cx)], 0, f"{tmp}/echo2-{name}.log")
-                    wait_port(port)
+                    PROCS.start_on(0, f"{tmp}/echo2-{name}.log", [WSLOAD, "echo", f"127.0.0.1:{port}", api, name, str(cx)])
+                    bench.wait_port(port)
                 time.sleep(0.3)
             rows = []
             for r in range(RUNS):
@@ -223,11 +209,7 @@ def main():
         idle.kill(); idle.wait()
         print(f"\nIdle sessions: {n} open; Atlas RSS {before} KiB -> {after} KiB: {(after - before) / max(n, 1):.2f} KiB per session")
     finally:
-        for p in procs:
-            try:
-                p.kill()
-            except Exception:
-                pass
+        PROCS.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
 
 if __name__ == "__main__":

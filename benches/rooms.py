@@ -15,31 +15,16 @@ For each store (memory, then Redis when redis-server exists): one Atlas
 
 Knobs: N=2000 CONC=4 SECS=3 JOINS=300.
 """
-import base64, http.client, json, os, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
+import base64, http.client, json, os, shutil, socket, statistics, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benches"))
+import bench  # noqa: E402  (shared helpers: processes, ports, CPU ticks)
+PROCS = None  # bench.Procs, set in main()
 ATLAS = os.environ.get("ATLAS_BIN", os.path.join(ROOT, "target/release/atlas"))
 WSLOAD = os.path.join(ROOT, "target/release/examples/wsload")
 N = int(os.environ.get("N", 2000)); CONC = int(os.environ.get("CONC", 4))
 SECS = float(os.environ.get("SECS", 3)); JOINS = int(os.environ.get("JOINS", 300))
-procs = []
-
-def start(cmd, cpu, log):
-    p = subprocess.Popen(["taskset", "-c", str(cpu)] + cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    procs.append(p); return p
-
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-def wait_port(port, t=10):
-    end = time.time() + t
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close(); return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} never opened")
-
 def pct(xs, q):
     xs = sorted(xs); return xs[min(len(xs) - 1, int(q * len(xs)))]
 
@@ -101,15 +86,15 @@ def ws_round_trip(port, path):
     return hs, rtt
 
 def run(label, store_toml, tmp):
-    port, api = free_port(), free_port()
+    port, api = bench.free_port(), bench.free_port()
     conf = os.path.join(tmp, f"{label}.toml")
     open(conf, "w").write(f'[listen]\naddress = "127.0.0.1:{port}"\nmode = "game"\nworkers = 1\n[api]\naddress = "127.0.0.1:{api}"\n'
                           f'[spatial]\ntoken_secret = "bench"\n[rooms]\ncreate_rate = 0\njoin_rate = 0\n{store_toml}\n')
-    atlas = start([ATLAS, conf, "--takeover-socket", os.path.join(tmp, f"{label}.sock")], 1, os.path.join(tmp, f"{label}.log"))
-    wait_port(port); wait_port(api)
-    echo_port = free_port()
-    start([WSLOAD, "echo", f"127.0.0.1:{echo_port}", f"127.0.0.1:{api}", "bench", "0"], 0, os.path.join(tmp, f"{label}-echo.log"))
-    wait_port(echo_port); time.sleep(0.3)
+    atlas = PROCS.start_on(1, os.path.join(tmp, f"{label}.log"), [ATLAS, conf, "--takeover-socket", os.path.join(tmp, f"{label}.sock")])
+    bench.wait_port(port); bench.wait_port(api)
+    echo_port = bench.free_port()
+    PROCS.start_on(0, os.path.join(tmp, f"{label}-echo.log"), [WSLOAD, "echo", f"127.0.0.1:{echo_port}", f"127.0.0.1:{api}", "bench", "0"])
+    bench.wait_port(echo_port); time.sleep(0.3)
     # One slot per room: the echo server registers 100000, so the runs never fill it.
     lat, rate, out = timed(api, "POST", "/api/v1/rooms", '{"capacity": 1}')
     ids = [json.loads(o)["room_id"] for o in out]
@@ -134,21 +119,19 @@ def main():
         if not os.path.exists(b):
             raise SystemExit(f"{b} missing: cargo build --release -p atlas --bin atlas --example wsload")
     tmp = tempfile.mkdtemp(prefix="atlas-bench-rooms-")
+    global PROCS
+    PROCS = bench.Procs(tmp)
     try:
         run("memory", "", tmp)
         if shutil.which("redis-server"):
-            rport = free_port()
-            start(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], 0, os.path.join(tmp, "redis.log"))
-            wait_port(rport)
+            rport = bench.free_port()
+            PROCS.start_on(0, os.path.join(tmp, "redis.log"), ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            bench.wait_port(rport)
             run("redis", f'[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:{rport}/0"\nprefix = "bench:"', tmp)
         else:
             print("\n(redis-server not installed: Redis runs skipped)")
     finally:
-        for p in procs:
-            try:
-                p.kill()
-            except Exception:
-                pass
+        PROCS.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
 
 if __name__ == "__main__":
