@@ -646,10 +646,16 @@ impl Registry {
     }
 
     /// Adds a command to a server's next heartbeat answer.
-    pub fn queue_command(&self, id: &str, cmd: Value) {
+    /// Queues `cmd` for the next heartbeat answer of `id` when it is
+    /// registered with this instance; false otherwise (not here, or remote).
+    pub fn queue_command(&self, id: &str, cmd: Value) -> bool {
         let mut st = lock(&self.state);
-        if let Some(e) = st.servers.iter_mut().find(|e| e.server.id == id) {
-            e.commands.push(cmd);
+        match st.servers.iter_mut().find(|e| e.server.id == id && !e.remote) {
+            Some(e) => {
+                e.commands.push(cmd);
+                true
+            }
+            None => false,
         }
     }
 

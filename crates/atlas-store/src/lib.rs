@@ -210,6 +210,15 @@ pub trait RoomStore: Send + Sync {
     fn take_servers_changed(&self) -> bool {
         false
     }
+    /// Leaves a heartbeat command for a server registered with another
+    /// instance (which hands it over in [`take_commands`](RoomStore::take_commands)).
+    fn post_command(&self, _server_id: &str, _cmd: &Value) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The commands other instances left for `server_id` (and forgets them).
+    fn take_commands(&self, _server_id: &str) -> Result<Vec<Value>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Picks the server for a room of `slots`: among candidates with room

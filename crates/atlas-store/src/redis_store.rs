@@ -8,6 +8,8 @@
 //! - `reserved` / `nrooms`: hashes server -> reserved slots / rooms;
 //! - `server:{id}`: a server's registration as JSON, with a lease (PX) its
 //!   owning instance renews on every heartbeat; `servers`: set of ids;
+//! - `cmd:{server}`: list of heartbeat commands (JSON) left by other
+//!   instances for a server registered elsewhere; expires after a minute;
 //! - channel `events`: `room:{id}` / `server:{id}` when one changes.
 //!
 //! Creation, migration, reports and deletion are WATCH/MULTI transactions
@@ -33,6 +35,8 @@ use crate::{expired, pick, reported, Candidate, Load, NewRoom, Room, RoomStore, 
 /// How long a cached room is served to workers without a re-read
 /// (invalidations usually arrive much sooner).
 const CACHE_TTL: Duration = Duration::from_secs(30);
+/// How long a command waits for its server's next heartbeat.
+const COMMAND_TTL: Duration = Duration::from_secs(60);
 
 struct Conn {
     con: Option<Connection>,
@@ -481,6 +485,23 @@ impl RoomStore for RedisStore {
 
     fn take_servers_changed(&self) -> bool {
         self.servers_changed.swap(false, Ordering::Relaxed)
+    }
+
+    fn post_command(&self, server_id: &str, cmd: &Value) -> Result<(), StoreError> {
+        let k = self.key(&format!("cmd:{server_id}"));
+        let body = cmd.to_string();
+        self.with(|con| {
+            let mut p = redis::pipe();
+            p.cmd("RPUSH").arg(&k).arg(&body).ignore();
+            p.cmd("PEXPIRE").arg(&k).arg(COMMAND_TTL.as_millis() as u64).ignore();
+            p.query::<()>(con)
+        })
+    }
+
+    fn take_commands(&self, server_id: &str) -> Result<Vec<Value>, StoreError> {
+        let k = self.key(&format!("cmd:{server_id}"));
+        let (raw,): (Vec<String>,) = self.with(|con| redis::pipe().atomic().cmd("LRANGE").arg(&k).arg(0).arg(-1).cmd("DEL").arg(&k).ignore().query(con))?;
+        Ok(raw.iter().filter_map(|s| serde_json::from_str(s).ok()).collect())
     }
 
     fn take_announcements(&self, server_id: &str) -> Result<Vec<Room>, StoreError> {

@@ -1115,6 +1115,65 @@ mod fleet {
         assert!(stray.is_empty(), "keys outside the prefix {prefix:?}: {stray:?}");
     }
 
+    /// Commands for a server registered with another instance go through
+    /// Redis: a room deleted on B, and one swept for being empty, reach the
+    /// server (registered with A) as `RoomClosed` in A's heartbeat answers.
+    #[test]
+    fn room_closed_reaches_a_server_registered_with_another_instance() {
+        let redis = RedisServer::start();
+        let atlases = fleet(&redis, &unique_prefix(), 2, DEFAULT_ROOMS);
+        let (a, b) = (api(&atlases[0]), api(&atlases[1]));
+        let s = game_server(a, "s1", 0, 100, json!({}));
+        wait_listed(b, &[sid(&s)], Duration::from_secs(3));
+        let closed = |id: &str, reason: &str| s.commands().iter().any(|c| c["type"] == "RoomClosed" && c["room_id"] == id && c["reason"] == reason);
+
+        let deleted = room_id(&create_ok(b, json!({"capacity": 2})));
+        let kept = room_id(&create_ok(b, json!({"capacity": 2})));
+        assert_eq!(delete_room(b, &deleted), 200);
+        assert!(wait_for(Duration::from_secs(3), || closed(&deleted, "deleted")), "no RoomClosed for the room deleted on B: {:?}", s.commands());
+
+        // Reported empty: swept after empty_grace (1 s) by either instance.
+        let empty = room_id(&create_ok(b, json!({"capacity": 2})));
+        s.set_room_reports(Some(&[(empty.as_str(), 0), (kept.as_str(), 1)]));
+        assert!(wait_for(Duration::from_secs(6), || closed(&empty, "empty")), "no RoomClosed for the swept room: {:?}", s.commands());
+        assert_eq!(get_room(b, &empty).0, 404);
+        assert_eq!(get_room(a, &kept).0, 200, "the room with a player stays");
+        assert!(!s.commands().iter().any(|c| c["room_id"] == kept.as_str()), "a command for the room that stays: {:?}", s.commands());
+        // Handed over once: nothing is left waiting in Redis.
+        let left: Vec<String> = redis.keys().into_iter().filter(|k| k.contains(":cmd:")).collect();
+        assert!(left.is_empty(), "commands left in Redis after delivery: {left:?}");
+    }
+
+    /// `url = "redis://:password@host:port/db"` against a server with
+    /// `requirepass`; a wrong password is refused (503, Redis's reason in
+    /// the log) and Atlas keeps running.
+    #[test]
+    fn redis_password_in_the_url() {
+        let redis = RedisServer::start_with_password("s3cr3t-pw");
+        let prefix = unique_prefix();
+        let good = Atlas::start(&config_with(&redis_section(&redis, &prefix), DEFAULT_ROOMS));
+        let s = game_server(api(&good), "s1", 0, 100, json!({}));
+        let v = create_ok(api(&good), json!({"capacity": 2}));
+        assert_eq!(server_of(&v), sid(&s));
+        let keys = redis.keys();
+        assert!(keys.iter().any(|k| k == &format!("{prefix}room:{}", room_id(&v))), "the room is not in Redis: {keys:?}");
+
+        let wrong = redis_section(&redis, &prefix).replace(":s3cr3t-pw@", ":wrong@");
+        assert!(wrong.contains(":wrong@"), "{wrong}");
+        let mut bad = Atlas::start(&config_with(&wrong, DEFAULT_ROOMS));
+        let (status, body) = create(api(&bad), json!({"capacity": 2}));
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["reason"].as_str(), Some("store_unavailable"), "{body}");
+        assert_eq!(get_room(api(&bad), &room_id(&v)).0, 503, "an unknown room without the store is 503, not 404");
+        assert!(
+            wait_for(Duration::from_secs(3), || bad.logs().contains("AuthenticationFailed")),
+            "the log does not say the password was refused:\n{}",
+            bad.logs()
+        );
+        assert!(!bad.logs().contains("wrong@"), "the password is in the log:\n{}", bad.logs());
+        assert!(bad.is_running());
+    }
+
     #[test]
     fn prefixes_keep_fleets_apart() {
         let redis = RedisServer::start();

@@ -141,7 +141,7 @@ pub fn handle(method: &str, path: &str, query: &[(String, String)], body: &[u8],
             Ok(Some(room)) => {
                 RoomStats::inc(&r.stats.deleted);
                 tracing::info!(room = %room.id, server = %room.server_id, "room deleted");
-                registry().queue_command(&room.server_id, json!({"type": "RoomClosed", "room_id": room.id, "reason": "deleted"}));
+                r.tell(&room.server_id, json!({"type": "RoomClosed", "room_id": room.id, "reason": "deleted"}));
                 (200, json!({"success": true, "deleted": room.id}))
             }
             Ok(None) => err(404, format!("no room {id}")),

@@ -217,13 +217,36 @@ impl Rooms {
         }
     }
 
-    /// `RoomMigrated` commands for `server`'s heartbeat answer.
+    /// `RoomMigrated` commands for `server`'s heartbeat answer, and the
+    /// commands other instances left for it.
     pub fn announcements(&self, server: &str) -> Vec<serde_json::Value> {
-        match self.store().take_announcements(server) {
+        let store = self.store();
+        let mut out: Vec<serde_json::Value> = match store.take_announcements(server) {
             Ok(rooms) => {
                 rooms.iter().map(|r| json!({"type": "RoomMigrated", "room_id": r.id, "from_server": r.migrated_from, "capacity": r.capacity})).collect()
             }
             Err(_) => Vec::new(),
+        };
+        if store.shared() {
+            match store.take_commands(server) {
+                Ok(c) => out.extend(c),
+                Err(e) => tracing::debug!(server, error = %e, "store: commands from other instances not fetched"),
+            }
+        }
+        out
+    }
+
+    /// Sends `cmd` to `server` with its next heartbeat answer, through the
+    /// store when the server is registered with another instance.
+    pub fn tell(&self, server: &str, cmd: serde_json::Value) {
+        if registry().queue_command(server, cmd.clone()) {
+            return;
+        }
+        let store = self.store();
+        if store.shared() {
+            if let Err(e) = store.post_command(server, &cmd) {
+                tracing::warn!(server, error = %e, "store: a command for a game server registered elsewhere was not delivered");
+            }
         }
     }
 }
@@ -269,8 +292,7 @@ fn run(rx: Receiver<String>) {
                     for g in gone {
                         RoomStats::inc(&r.stats.cleaned);
                         tracing::info!(room = %g.id, server = %g.server_id, "room removed: empty or unreported for longer than empty_grace");
-                        // Best effort: only a server registered with this instance hears it.
-                        registry().queue_command(&g.server_id, json!({"type": "RoomClosed", "room_id": g.id, "reason": "empty"}));
+                        r.tell(&g.server_id, json!({"type": "RoomClosed", "room_id": g.id, "reason": "empty"}));
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "store: sweep skipped"),

@@ -25,6 +25,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// `requirepass`, when the server asks for one.
+    password: Option<String>,
 }
 
 /// Panics with a clear message when `redis-server` cannot be run.
@@ -46,11 +48,17 @@ fn free_port() -> u16 {
 /// Sends `PING` and returns true on `+PONG` (a `-LOADING` answer while the
 /// append-only file is replayed is not ready yet).
 pub fn ping(port: u16) -> bool {
+    ping_as(port, None)
+}
+
+/// [`ping`] after `AUTH password` (its `+OK` is skipped).
+fn ping_as(port: u16, password: Option<&str>) -> bool {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
     let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"PING\r\n").is_err() {
+    let auth = password.map(|p| format!("AUTH {p}\r\n")).unwrap_or_default();
+    if s.write_all(format!("{auth}PING\r\n").as_bytes()).is_err() {
         return false;
     }
     let mut buf = [0u8; 64];
@@ -61,6 +69,16 @@ pub fn ping(port: u16) -> bool {
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
     }
+    if password.is_some() {
+        // `+OK\r\n` then the PING answer.
+        while got.windows(2).filter(|w| *w == b"\r\n").count() < 2 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        return got.starts_with(b"+OK\r\n+PONG");
+    }
     got.starts_with(b"+PONG")
 }
 
@@ -68,6 +86,15 @@ impl RedisServer {
     /// Starts a fresh server on a free port (a few attempts in case another
     /// test takes the port between the probe and the bind).
     pub fn start() -> RedisServer {
+        RedisServer::start_as(None)
+    }
+
+    /// A fresh server that requires `AUTH password` (`requirepass`).
+    pub fn start_with_password(password: &str) -> RedisServer {
+        RedisServer::start_as(Some(password.to_string()))
+    }
+
+    fn start_as(password: Option<String>) -> RedisServer {
         require_redis_server();
         let n = DIRS.fetch_add(1, Ordering::SeqCst);
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
@@ -75,7 +102,7 @@ impl RedisServer {
         std::fs::create_dir_all(&dir).expect("create the redis data dir");
         let mut last_error = String::new();
         for _attempt in 0..5 {
-            let mut server = RedisServer { child: None, port: free_port(), dir: dir.clone() };
+            let mut server = RedisServer { child: None, port: free_port(), dir: dir.clone(), password: password.clone() };
             match server.spawn() {
                 Ok(()) => return server,
                 Err(e) => {
@@ -92,7 +119,11 @@ impl RedisServer {
 
     fn spawn(&mut self) -> Result<(), String> {
         let log = self.dir.join("redis.log");
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(p) = &self.password {
+            cmd.arg("--requirepass").arg(p);
+        }
+        let child = cmd
             .arg("--port")
             .arg(self.port.to_string())
             .arg("--bind")
@@ -117,7 +148,7 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if ping(self.port) {
+            if ping_as(self.port, self.password.as_deref()) {
                 return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -142,9 +173,13 @@ impl RedisServer {
         ([127, 0, 0, 1], self.port).into()
     }
 
-    /// `redis://127.0.0.1:<port>/0`
+    /// `redis://127.0.0.1:<port>/0` (`redis://:<password>@...` when it
+    /// requires one).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -262,24 +297,42 @@ fn parse_resp(buf: &[u8]) -> Result<Option<(Resp, usize)>, String> {
     }
 }
 
+/// Appends `args` as a RESP array of bulk strings.
+fn encode(req: &mut Vec<u8>, args: &[&str]) {
+    req.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a.as_bytes());
+        req.extend_from_slice(b"\r\n");
+    }
+}
+
 impl RedisServer {
     /// Runs one command on a fresh connection and returns the answer.
     pub fn command(&self, args: &[&str]) -> Result<Resp, String> {
         let mut s = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(2)).map_err(|e| format!("connect to redis: {e}"))?;
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
         let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-        let mut req = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            req.extend_from_slice(a.as_bytes());
-            req.extend_from_slice(b"\r\n");
+        let mut req = Vec::new();
+        if let Some(p) = &self.password {
+            encode(&mut req, &["AUTH", p]);
         }
+        encode(&mut req, args);
         s.write_all(&req).map_err(|e| format!("write to redis: {e}"))?;
+        // After AUTH, its `+OK` comes first.
+        let mut answers_left = if self.password.is_some() { 2 } else { 1 };
         let mut buf = Vec::new();
         let mut tmp = [0u8; 16 << 10];
         loop {
-            if let Some((v, _)) = parse_resp(&buf)? {
-                return Ok(v);
+            while let Some((v, used)) = parse_resp(&buf)? {
+                answers_left -= 1;
+                if answers_left == 0 {
+                    return Ok(v);
+                }
+                if let Resp::Error(e) = v {
+                    return Err(format!("redis AUTH: {e}"));
+                }
+                buf.drain(..used);
             }
             match s.read(&mut tmp) {
                 Ok(0) => return Err("redis closed the connection before a full answer".into()),
