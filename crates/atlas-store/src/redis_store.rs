@@ -6,6 +6,8 @@
 //! - `room:{id}`: the room as JSON; `rooms`: sorted set of ids by creation;
 //! - `srv:{server}`: set of the server's room ids;
 //! - `reserved` / `nrooms`: hashes server -> reserved slots / rooms;
+//! - `idle`: sorted set of the idle rooms by `idle_since_ms` (what the
+//!   sweep reads, so it costs the idle rooms, not all of them);
 //! - `server:{id}`: a server's registration as JSON, with a lease (PX) its
 //!   owning instance renews on every heartbeat; `servers`: set of ids;
 //! - `cmd:{server}`: list of heartbeat commands (JSON) left by other
@@ -35,6 +37,8 @@ use crate::{expired, pick, reported, Candidate, Load, NewRoom, Room, RoomStore, 
 /// How long a cached room is served to workers without a re-read
 /// (invalidations usually arrive much sooner).
 const CACHE_TTL: Duration = Duration::from_secs(30);
+/// Rooms one sweep removes at most (the next sweep, a second later, goes on).
+const SWEEP_BATCH: usize = 1000;
 /// How long a command waits for its server's next heartbeat.
 const COMMAND_TTL: Duration = Duration::from_secs(60);
 
@@ -70,6 +74,14 @@ fn parse_room(s: Option<String>) -> Option<Room> {
 
 fn json(r: &Room) -> String {
     serde_json::to_string(r).unwrap_or_default()
+}
+
+/// Keeps the `idle` index in step with a room written in `pipe`.
+fn index_idle(pipe: &mut redis::Pipeline, idle: &str, r: &Room) {
+    match r.idle_since_ms {
+        Some(t) if !r.lost => pipe.cmd("ZADD").arg(idle).arg(t).arg(&r.id).ignore(),
+        _ => pipe.cmd("ZREM").arg(idle).arg(&r.id).ignore(),
+    };
 }
 
 impl RedisStore {
@@ -213,10 +225,13 @@ impl RedisStore {
     fn delete_if(&self, id: &str, keep: impl Fn(&Room) -> bool) -> Result<Option<Room>, StoreError> {
         let (rk, reserved, nrooms, rooms, events) =
             (self.key(&format!("room:{id}")), self.key("reserved"), self.key("nrooms"), self.key("rooms"), self.key("events"));
-        let prefix = self.prefix.clone();
+        let (prefix, idle) = (self.prefix.clone(), self.key("idle"));
         let out = self.with(|con| {
             redis::transaction(con, &[&rk], |con, pipe| {
-                let Some(r) = parse_room(redis::cmd("GET").arg(&rk).query(con)?) else { return Ok(Some(None)) };
+                let Some(r) = parse_room(redis::cmd("GET").arg(&rk).query(con)?) else {
+                    redis::cmd("ZREM").arg(&idle).arg(id).exec(con)?;
+                    return Ok(Some(None));
+                };
                 if keep(&r) {
                     return Ok(Some(None));
                 }
@@ -224,6 +239,7 @@ impl RedisStore {
                 pipe.cmd("HINCRBY").arg(&reserved).arg(&r.server_id).arg(-i64::from(r.capacity)).ignore();
                 pipe.cmd("HINCRBY").arg(&nrooms).arg(&r.server_id).arg(-1).ignore();
                 pipe.cmd("ZREM").arg(&rooms).arg(&r.id).ignore();
+                pipe.cmd("ZREM").arg(&idle).arg(&r.id).ignore();
                 pipe.cmd("SREM").arg(format!("{prefix}srv:{}", r.server_id)).arg(&r.id).ignore();
                 pipe.cmd("PUBLISH").arg(&events).arg(format!("room:{}", r.id)).ignore();
                 let done: Option<()> = pipe.query(con)?;
@@ -326,7 +342,7 @@ impl RoomStore for RedisStore {
 
     fn report(&self, server_id: &str, rooms: &HashMap<String, u32>, now_ms: u64) -> Result<(), StoreError> {
         let srv = self.key(&format!("srv:{server_id}"));
-        let prefix = self.prefix.clone();
+        let (prefix, idle) = (self.prefix.clone(), self.key("idle"));
         let ids: Vec<String> = self.with(|con| redis::cmd("SMEMBERS").arg(&srv).query(con))?;
         if ids.is_empty() {
             return Ok(());
@@ -341,6 +357,9 @@ impl RoomStore for RedisStore {
                     let n = reported(r.clone(), rooms, now_ms);
                     if n != r {
                         pipe.cmd("SET").arg(k).arg(json(&n)).ignore();
+                        if n.idle_since_ms != r.idle_since_ms {
+                            index_idle(pipe, &idle, &n);
+                        }
                         changed.push(n);
                     }
                 }
@@ -358,15 +377,15 @@ impl RoomStore for RedisStore {
     }
 
     fn sweep(&self, now_ms: u64, grace_ms: u64) -> Result<Vec<Room>, StoreError> {
-        let (rooms, prefix) = (self.key("rooms"), self.prefix.clone());
-        let all: Vec<Room> = self.with(|con| {
-            let ids: Vec<String> = redis::cmd("ZRANGE").arg(&rooms).arg(0).arg(-1).query(con)?;
-            let keys: Vec<String> = ids.iter().map(|id| format!("{prefix}room:{id}")).collect();
-            Ok(Self::get_rooms(con, &keys)?.into_iter().flatten().collect())
+        // Idle since before now - grace, a bounded batch per call.
+        let idle = self.key("idle");
+        let cutoff = now_ms.saturating_sub(grace_ms);
+        let ids: Vec<String> = self.with(|con| {
+            redis::cmd("ZRANGEBYSCORE").arg(&idle).arg("-inf").arg(format!("({cutoff}")).arg("LIMIT").arg(0).arg(SWEEP_BATCH).query(con)
         })?;
         let mut gone = Vec::new();
-        for r in all.iter().filter(|r| expired(r, now_ms, grace_ms)) {
-            if let Some(r) = self.delete_if(&r.id, |cur| !expired(cur, now_ms, grace_ms))? {
+        for id in &ids {
+            if let Some(r) = self.delete_if(id, |cur| !expired(cur, now_ms, grace_ms))? {
                 gone.push(r);
             }
         }
@@ -384,7 +403,7 @@ impl RoomStore for RedisStore {
 
     fn migrate(&self, id: &str, from: &str, candidates: &[Candidate]) -> Result<Option<Room>, StoreError> {
         let (reserved, nrooms, events, prefix) = (self.key("reserved"), self.key("nrooms"), self.key("events"), self.prefix.clone());
-        let rk = self.key(&format!("room:{id}"));
+        let (rk, idle) = (self.key(&format!("room:{id}")), self.key("idle"));
         let out = self.with(|con| {
             redis::transaction(con, &[&rk, &reserved], |con, pipe| {
                 let Some(r) = parse_room(redis::cmd("GET").arg(&rk).query(con)?) else { return Ok(Some(None)) };
@@ -411,6 +430,7 @@ impl RoomStore for RedisStore {
                     Err(_) => Room { lost: true, ..r.clone() },
                 };
                 pipe.cmd("SET").arg(&rk).arg(json(&moved)).ignore();
+                index_idle(pipe, &idle, &moved);
                 pipe.cmd("PUBLISH").arg(&events).arg(format!("room:{id}")).ignore();
                 let done: Option<()> = pipe.query(con)?;
                 Ok(done.map(|_| Some(moved.clone())))

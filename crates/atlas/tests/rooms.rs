@@ -1121,7 +1121,8 @@ mod fleet {
     #[test]
     fn room_closed_reaches_a_server_registered_with_another_instance() {
         let redis = RedisServer::start();
-        let atlases = fleet(&redis, &unique_prefix(), 2, DEFAULT_ROOMS);
+        let prefix = unique_prefix();
+        let atlases = fleet(&redis, &prefix, 2, DEFAULT_ROOMS);
         let (a, b) = (api(&atlases[0]), api(&atlases[1]));
         let s = game_server(a, "s1", 0, 100, json!({}));
         wait_listed(b, &[sid(&s)], Duration::from_secs(3));
@@ -1139,6 +1140,10 @@ mod fleet {
         assert_eq!(get_room(b, &empty).0, 404);
         assert_eq!(get_room(a, &kept).0, 200, "the room with a player stays");
         assert!(!s.commands().iter().any(|c| c["room_id"] == kept.as_str()), "a command for the room that stays: {:?}", s.commands());
+        // The sweep's index of idle rooms no longer holds it (nor the room
+        // with a player).
+        let idle = format!("{prefix}idle");
+        assert_eq!(redis.command(&["ZCARD", &idle]), Ok(redis_server::Resp::Int(0)), "{:?}", redis.command(&["ZRANGE", &idle, "0", "-1"]));
         // Handed over once: nothing is left waiting in Redis.
         let left: Vec<String> = redis.keys().into_iter().filter(|k| k.contains(":cmd:")).collect();
         assert!(left.is_empty(), "commands left in Redis after delivery: {left:?}");
