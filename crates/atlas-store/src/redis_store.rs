@@ -76,6 +76,18 @@ fn json(r: &Room) -> String {
     serde_json::to_string(r).unwrap_or_default()
 }
 
+/// Servers' loads from the `reserved` and `nrooms` hashes.
+fn load_from(reserved: HashMap<String, i64>, nrooms: HashMap<String, i64>) -> HashMap<String, Load> {
+    let mut out: HashMap<String, Load> = HashMap::new();
+    for (k, v) in reserved {
+        out.entry(k).or_default().reserved = v.max(0) as u64;
+    }
+    for (k, v) in nrooms {
+        out.entry(k).or_default().rooms = v.max(0) as u64;
+    }
+    out
+}
+
 /// Keeps the `idle` index in step with a room written in `pipe`.
 fn index_idle(pipe: &mut redis::Pipeline, idle: &str, r: &Room) {
     match r.idle_since_ms {
@@ -201,16 +213,8 @@ impl RedisStore {
     }
 
     fn load_of(con: &mut Connection, reserved: &str, nrooms: &str) -> RedisResult<HashMap<String, Load>> {
-        let r: HashMap<String, i64> = redis::cmd("HGETALL").arg(reserved).query(con)?;
-        let n: HashMap<String, i64> = redis::cmd("HGETALL").arg(nrooms).query(con)?;
-        let mut out: HashMap<String, Load> = HashMap::new();
-        for (k, v) in r {
-            out.entry(k).or_default().reserved = v.max(0) as u64;
-        }
-        for (k, v) in n {
-            out.entry(k).or_default().rooms = v.max(0) as u64;
-        }
-        Ok(out)
+        let (r, n) = redis::pipe().cmd("HGETALL").arg(reserved).cmd("HGETALL").arg(nrooms).query(con)?;
+        Ok(load_from(r, n))
     }
 
     fn get_rooms(con: &mut Connection, keys: &[String]) -> RedisResult<Vec<Option<Room>>> {
@@ -273,28 +277,53 @@ impl RoomStore for RedisStore {
         let srv = |id: &str| self.key(&format!("srv:{id}"));
         let seq_key = self.key("seq");
         let res = self.with(|con| {
-            // Creation order across the fleet (a gap when a create fails is fine).
-            let seq: u64 = redis::cmd("INCR").arg(&seq_key).query(con)?;
-            redis::transaction(con, &[&reserved], |con, pipe| {
-                let exists: bool = redis::cmd("EXISTS").arg(&rk).query(con)?;
-                if exists {
-                    return Ok(Some(Err(StoreError::Exists)));
+            // Two round trips when nothing races: WATCH, the sequence number
+            // (creation order across the fleet; a gap when a create fails is
+            // fine) and the reads in one pipeline, then MULTI/EXEC. A
+            // concurrent change to the reservations aborts the EXEC: read
+            // and decide again.
+            let mut seq: Option<u64> = None;
+            loop {
+                let mut p = redis::pipe();
+                p.cmd("WATCH").arg(&reserved).ignore();
+                if seq.is_none() {
+                    p.cmd("INCR").arg(&seq_key);
                 }
-                let load = Self::load_of(con, &reserved, &nrooms)?;
+                p.cmd("EXISTS").arg(&rk).cmd("HGETALL").arg(&reserved).cmd("HGETALL").arg(&nrooms);
+                let (n, exists, r, n_rooms): (u64, bool, HashMap<String, i64>, HashMap<String, i64>) = match seq {
+                    Some(n) => {
+                        let (e, r, nr) = p.query(con)?;
+                        (n, e, r, nr)
+                    }
+                    None => p.query(con)?,
+                };
+                seq = Some(n);
+                let refuse = |con: &mut Connection, e: StoreError| -> RedisResult<Result<Room, StoreError>> {
+                    redis::cmd("UNWATCH").exec(con)?;
+                    Ok(Err(e))
+                };
+                if exists {
+                    return refuse(con, StoreError::Exists);
+                }
+                let load = load_from(r, n_rooms);
                 let c = match pick(candidates, room.capacity, &load) {
                     Ok(c) => c,
-                    Err(e) => return Ok(Some(Err(e))),
+                    Err(e) => return refuse(con, e),
                 };
-                let r = Room::placed(room, c, seq);
-                pipe.cmd("HINCRBY").arg(&reserved).arg(&c.id).arg(i64::from(room.capacity)).ignore();
-                pipe.cmd("HINCRBY").arg(&nrooms).arg(&c.id).arg(1).ignore();
-                pipe.cmd("SET").arg(&rk).arg(json(&r)).ignore();
-                pipe.cmd("ZADD").arg(&rooms).arg(seq).arg(&room.id).ignore();
-                pipe.cmd("SADD").arg(srv(&c.id)).arg(&room.id).ignore();
-                pipe.cmd("PUBLISH").arg(&events).arg(format!("room:{}", room.id)).ignore();
-                let done: Option<()> = pipe.query(con)?;
-                Ok(done.map(|_| Ok(r.clone())))
-            })
+                let r = Room::placed(room, c, n);
+                let mut tx = redis::pipe();
+                tx.atomic();
+                tx.cmd("HINCRBY").arg(&reserved).arg(&c.id).arg(i64::from(room.capacity)).ignore();
+                tx.cmd("HINCRBY").arg(&nrooms).arg(&c.id).arg(1).ignore();
+                tx.cmd("SET").arg(&rk).arg(json(&r)).ignore();
+                tx.cmd("ZADD").arg(&rooms).arg(n).arg(&room.id).ignore();
+                tx.cmd("SADD").arg(srv(&c.id)).arg(&room.id).ignore();
+                tx.cmd("PUBLISH").arg(&events).arg(format!("room:{}", room.id)).ignore();
+                let done: Option<()> = tx.query(con)?;
+                if done.is_some() {
+                    return Ok(Ok(r));
+                }
+            }
         })?;
         if let Ok(r) = &res {
             self.remember(r);
