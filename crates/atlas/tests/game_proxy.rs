@@ -34,14 +34,14 @@ mod common;
 mod game;
 
 use std::io::{BufReader, Cursor, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::Atlas;
-use game::{http_json, http_raw, move_msg, wait_for, Frame, GameServer, WsClient, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
+use game::{fake_maestro, http_json, http_raw, move_msg, wait_for, MaestroLog, Frame, GameServer, WsClient, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------
@@ -221,51 +221,6 @@ fn read_acks(r: &mut Reader, n: usize) -> Vec<(String, u64)> {
         out.push((v["server"].as_str().unwrap_or("").to_string(), v["seq"].as_u64().unwrap()));
     }
     out
-}
-
-/// A request to a fake Maestro: method, path, JSON body.
-type MaestroLog = Arc<Mutex<Vec<(String, String, Value)>>>;
-
-/// A fake Maestro: answers every request with `201 {"id":"x"}` and records it.
-fn fake_maestro() -> (SocketAddr, MaestroLog) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind fake maestro");
-    let addr = l.local_addr().unwrap();
-    let log: MaestroLog = Arc::new(Mutex::new(Vec::new()));
-    let log2 = log.clone();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-            let mut buf = Vec::new();
-            let mut tmp = [0u8; 4096];
-            let head_end = loop {
-                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break Some(p + 4);
-                }
-                match s.read(&mut tmp) {
-                    Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
-                    _ => break None,
-                }
-            };
-            let Some(head_end) = head_end else { continue };
-            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-            let len: usize = header_of(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-            while buf.len() < head_end + len {
-                match s.read(&mut tmp) {
-                    Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
-                    _ => break,
-                }
-            }
-            let mut parts = head.split_whitespace();
-            let method = parts.next().unwrap_or("").to_string();
-            let path = parts.next().unwrap_or("").to_string();
-            let body = serde_json::from_slice(&buf[head_end..(head_end + len).min(buf.len())]).unwrap_or(Value::Null);
-            log2.lock().unwrap().push((method, path, body));
-            let _ = s.write_all(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{\"id\":\"x\"}");
-        }
-    });
-    (addr, log)
 }
 
 // ---------------------------------------------------------------------------

@@ -995,6 +995,34 @@ fn bad_store_backend_or_url_is_a_config_error() {
     assert_eq!(code, Some(0), "{out}{err}");
 }
 
+/// No server can take the room: with `auto_scale`, Maestro is asked for
+/// one (once within the cooldown); without it, nobody is asked.
+#[test]
+fn full_fleet_asks_maestro_for_a_server_when_auto_scale_is_on() {
+    for auto in [true, false] {
+        let (maestro, log) = game::fake_maestro();
+        let spatial = format!("auto_scale = {auto}\nmaestro_url = \"http://{maestro}\"\nscale_cooldown = \"60s\"\n");
+        let cfg = config_with("[store]\nbackend = \"memory\"\n", DEFAULT_ROOMS).replace("[spatial]\n", &format!("[spatial]\n{spatial}"));
+        let atlas = Atlas::start(&cfg);
+        let api = api(&atlas);
+        create_refused(api, json!({"capacity": 4}), "no_server");
+        let _s = game_server(api, "small", 0, 4, json!({}));
+        create_ok(api, json!({"capacity": 4}));
+        create_refused(api, json!({"capacity": 4}), "full");
+        create_refused(api, json!({"capacity": 4}), "full");
+        if auto {
+            assert!(wait_for(Duration::from_secs(3), || !log.lock().unwrap().is_empty()), "Maestro was not asked; logs:\n{}", atlas.logs());
+            thread::sleep(Duration::from_millis(500));
+            let reqs = log.lock().unwrap().clone();
+            assert_eq!(reqs.len(), 1, "one request within the cooldown: {reqs:?}");
+            assert_eq!((reqs[0].0.as_str(), reqs[0].1.as_str()), ("POST", "/instances"), "{reqs:?}");
+        } else {
+            thread::sleep(Duration::from_millis(1500));
+            assert!(log.lock().unwrap().is_empty(), "auto_scale is off: {:?}", log.lock().unwrap());
+        }
+    }
+}
+
 #[test]
 fn room_counters_in_metrics() {
     let store = Store::new(Backend::Memory);

@@ -1536,3 +1536,56 @@ impl Walker {
         (self.seq, if self.horizon { horizon_move(self.seq, x, y, z) } else { move_msg(self.seq, x, y, z) })
     }
 }
+
+// ---------------------------------------------------------------------------
+// Maestro
+// ---------------------------------------------------------------------------
+
+/// A request to a fake Maestro: method, path, JSON body.
+pub type MaestroLog = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+/// A fake Maestro: answers every request with `201 {"id":"x"}` and records it.
+pub fn fake_maestro() -> (SocketAddr, MaestroLog) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind fake maestro");
+    let addr = l.local_addr().unwrap();
+    let log: MaestroLog = Arc::new(Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            let head_end = loop {
+                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break Some(p + 4);
+                }
+                match s.read(&mut tmp) {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+                    _ => break None,
+                }
+            };
+            let Some(head_end) = head_end else { continue };
+            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+            let len: usize = head
+                .split("\r\n")
+                .skip(1)
+                .find_map(|l| l.split_once(':').filter(|(n, _)| n.trim().eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.trim().parse().ok()))
+                .unwrap_or(0);
+            while buf.len() < head_end + len {
+                match s.read(&mut tmp) {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+                    _ => break,
+                }
+            }
+            let mut parts = head.split_whitespace();
+            let method = parts.next().unwrap_or("").to_string();
+            let path = parts.next().unwrap_or("").to_string();
+            let body = serde_json::from_slice(&buf[head_end..(head_end + len).min(buf.len())]).unwrap_or(Value::Null);
+            log2.lock().unwrap().push((method, path, body));
+            let _ = s.write_all(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{\"id\":\"x\"}");
+        }
+    });
+    (addr, log)
+}
