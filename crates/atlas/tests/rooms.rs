@@ -1207,6 +1207,56 @@ mod fleet {
         assert!(bad.is_running());
     }
 
+    /// An instance killed with -9 leaves nothing that routes: its servers'
+    /// records expire with their lease (1 s here), the others stop listing
+    /// them and move their rooms; the server registers with a live
+    /// instance and is routable again.
+    #[test]
+    fn a_dead_instance_leaves_no_stale_servers() {
+        let redis = RedisServer::start();
+        let cfg = config_with(&format!("{}lease = \"1s\"\n", redis_section(&redis, &unique_prefix())), DEFAULT_ROOMS);
+        let mut doomed = Atlas::start(&cfg);
+        let live = Atlas::start(&cfg);
+        let (d, l) = (api(&doomed), api(&live));
+        let orphan = game_server(d, "orphan", 0, 100, json!({}));
+        let other = game_server(l, "other", 1, 100, json!({}));
+        wait_listed(l, &[sid(&orphan), sid(&other)], Duration::from_secs(3));
+        // A room on the orphan's server, made through the live instance.
+        let mut on_orphan = None;
+        for _ in 0..4 {
+            let v = create_ok(l, json!({"capacity": 2}));
+            if server_of(&v) == sid(&orphan) {
+                on_orphan = Some(room_id(&v));
+                break;
+            }
+        }
+        let room = on_orphan.expect("least-loaded placement put a room on each server");
+
+        doomed.expect_exit();
+        doomed.signal("KILL");
+        let killed = Instant::now();
+        assert!(doomed.wait_exit(Duration::from_secs(2)).is_some(), "kill -9 did not stop it");
+        assert!(
+            wait_for(Duration::from_secs(5), || !server_ids(l).contains(&sid(&orphan))),
+            "the dead instance's server is still listed {:?} after the kill: {:?}",
+            killed.elapsed(),
+            server_ids(l)
+        );
+        let gone_after = killed.elapsed();
+        eprintln!("the dead instance's server left the fleet {gone_after:?} after the kill");
+        assert!(gone_after >= Duration::from_millis(500), "removed after {gone_after:?}: before its lease could run out");
+        assert!(
+            wait_for(Duration::from_secs(3), || server_of(&get_room(l, &room).1) == sid(&other)),
+            "its room did not move: {}",
+            get_room(l, &room).1
+        );
+        // Registered again, through the live instance: routable again.
+        orphan.register_with_metadata(l, (0, 0, 0), (500.0, 500.0, 500.0), 500.0, 100, json!({})).expect("register with the live instance");
+        wait_listed(l, &[sid(&orphan)], Duration::from_secs(2));
+        let mut p = join(live.addr(), &room, "eve");
+        assert_eq!(acked_by(&mut p, 1), other.name());
+    }
+
     #[test]
     fn prefixes_keep_fleets_apart() {
         let redis = RedisServer::start();
