@@ -6,12 +6,14 @@
 //! file, line, column and key, and all of them are reported at once (like
 //! `nginx -t`). Nothing here panics on user input.
 
+mod firehose;
 mod load;
 mod raw;
 mod rooms;
 mod spatial;
 mod validate;
 
+pub use firehose::{master_addr_error, Firehose, FirehoseBalance, Notices};
 pub use rooms::{redis_url_error, Rooms, Store, StoreBackend};
 pub use spatial::{apply_env, maestro_url_error, PositionPlace, PositionRule, Spatial};
 
@@ -455,6 +457,8 @@ pub struct Config {
     pub rooms: Rooms,
     /// `[store]`: where rooms and (with Redis) the server registry live.
     pub store: Store,
+    /// `[firehose]`: the connection firehose (connserver protocol v2).
+    pub firehose: Firehose,
 }
 
 /// Loads and validates a configuration file.
@@ -467,9 +471,15 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     with_env(cfg, &name)
 }
 
-/// Applies the `ATLAS_*` overrides of `[spatial]` from the environment.
+/// Applies the `ATLAS_*` overrides of `[spatial]` and connserver's
+/// `VOLTLANE_*` ones of `[firehose]` from the environment.
 fn with_env(mut cfg: Config, name: &str) -> Result<Config, ConfigErrors> {
-    let errors = apply_env(&mut cfg.spatial, |k| std::env::var(k).ok());
+    let mut errors = apply_env(&mut cfg.spatial, |k| std::env::var(k).ok());
+    let listener = cfg.listeners.iter_mut().find(|l| l.mode == Mode::Firehose).map(|l| &mut l.addr);
+    errors.extend(firehose::apply_env(&mut cfg.firehose, listener, |k| std::env::var(k).ok()));
+    if errors.is_empty() && cfg.listeners.iter().any(|l| l.mode == Mode::Firehose) && cfg.firehose.masters.is_empty() {
+        errors.push("a listener has mode = \"firehose\" but [firehose] masters is empty (or set VOLTLANE_MASTER_ADDRESS)".into());
+    }
     if errors.is_empty() {
         Ok(cfg)
     } else {
@@ -513,6 +523,16 @@ pub fn embedded_default() -> Result<Config, ConfigErrors> {
     let text = format!("[listen]\nname = \"game\"\naddress = {proxy:?}\nmode = \"game\"\n\n[api]\naddress = {api:?}\n",);
     let name = "(embedded default; ATLAS_PROXY_ADDR / ATLAS_API_ADDR)";
     with_env(load_str(&text, name)?, name)
+}
+
+/// connserver's defaults as a configuration: a firehose listener on
+/// 127.0.0.1:42000 to the master 127.0.0.1:42001, both overridden by
+/// `--listen` / `--master` (through `VOLTLANE_LISTENER_ADDRESS` /
+/// `VOLTLANE_MASTER_ADDRESS`) and the other `VOLTLANE_*` variables.
+pub fn firehose_default() -> Result<Config, ConfigErrors> {
+    let text = "[listen]\nname = \"firehose\"\naddress = \"127.0.0.1:42000\"\nmode = \"firehose\"\n\n[firehose]\nmasters = [\"127.0.0.1:42001\"]\n";
+    let name = "(firehose default; --listen / --master / VOLTLANE_*)";
+    with_env(load_str(text, name)?, name)
 }
 
 /// Parses durations such as `250ms`, `5s`, `2m`, `1h`, `1.5s`.

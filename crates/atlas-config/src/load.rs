@@ -142,6 +142,7 @@ const SECTIONS: &[&str] = &[
     "spatial",
     "rooms",
     "store",
+    "firehose",
 ];
 
 pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
@@ -169,6 +170,7 @@ pub(crate) fn parse_raw(diag: &mut Diag<'_>) -> RawConfig {
             "spatial" => raw.spatial = section(diag, root, key, v).unwrap_or_default(),
             "rooms" => raw.rooms = section(diag, root, key, v).unwrap_or_default(),
             "store" => raw.store = section(diag, root, key, v).unwrap_or_default(),
+            "firehose" => raw.firehose = section(diag, root, key, v).unwrap_or_default(),
             other => diag.push(
                 Some(k.span()),
                 if other.is_empty() { "(empty key)" } else { other },

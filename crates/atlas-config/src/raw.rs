@@ -201,4 +201,5 @@ pub struct RawConfig {
     pub spatial: crate::spatial::RawSpatial,
     pub rooms: crate::rooms::RawRooms,
     pub store: crate::rooms::RawStore,
+    pub firehose: crate::firehose::RawFirehose,
 }

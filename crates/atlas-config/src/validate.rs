@@ -184,11 +184,6 @@ fn listener(diag: &mut Diag<'_>, raw: &Spanned<RawListener>, key: &str, index: u
             }
         },
     };
-    if let Some(m) = &r.mode {
-        if matches!(mode, Mode::Firehose) {
-            diag.at(m, format!("{key}.mode"), format!("mode `{}` is not available in this build yet", mode.as_str()));
-        }
-    }
     // Address: either `address` + `port`, or `address = "ip:port"`.
     let default_addr = Spanned::new(raw.span(), "0.0.0.0".to_string());
     let address = r.address.as_ref().unwrap_or(&default_addr);
@@ -621,6 +616,7 @@ pub(crate) fn validate(diag: &mut Diag<'_>, raw: RawConfig) -> Config {
         spatial: crate::spatial::validate(diag, &raw.spatial),
         rooms: crate::rooms::validate_rooms(diag, &raw.rooms),
         store: crate::rooms::validate_store(diag, &raw.store),
+        firehose: crate::firehose::validate_firehose(diag, &raw.firehose),
     }
 }
 

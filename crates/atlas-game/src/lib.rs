@@ -14,8 +14,10 @@
 //! - `token`: HMAC-SHA256 transfer tokens.
 //! - `maestro`: auto-scale requests.
 //! - `stats`: the gateway's metrics.
+//! - `firehose`: the connection firehose (connserver protocol v2).
 
 pub mod api;
+pub mod firehose;
 pub mod fuzzing;
 pub mod maestro;
 pub mod position;

@@ -107,6 +107,7 @@ pub fn reload(current: &Current, path: &Path) -> ReloadOutcome {
     let version = VERSION.fetch_add(1, Ordering::SeqCst) + 1;
     atlas_game::registry::registry().configure(&new.spatial);
     atlas_game::rooms::configure(&new);
+    atlas_game::firehose::configure(&new);
     current.store(Arc::new(Generation { version, cfg: Arc::new(new), shared: Arc::new(shared) }));
     tracing::info!(version, file = %path.display(), "configuration reloaded");
     atlas_observe::metrics::registry().reloads_ok.fetch_add(1, Ordering::Relaxed);

@@ -20,8 +20,7 @@ use atlas_config::{Config, Listener, Mode, RouteTarget, Strategy};
 use atlas_observe::metrics::{self, ListenerStats, Reject, UpstreamKey};
 use atlas_observe::PerWorker;
 use atlas_proxy::drain::{self, Drain};
-use atlas_proxy::http::codec::simple_response;
-use atlas_proxy::io::{read_more, write_vec};
+
 use atlas_proxy::limits::ListenerConns;
 use atlas_proxy::pool::ConnPool;
 use atlas_proxy::static_files::fs::{FileCache, Root};
@@ -321,7 +320,10 @@ async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
                 let fd = stream.as_raw_fd();
                 spawn_conn(slots, atlas_game::session::serve(ctx, stream, peer, fd))
             }
-            (None, Mode::Firehose) => spawn_conn(slots, not_yet(stream)),
+            (None, Mode::Firehose) => {
+                let fd = stream.as_raw_fd();
+                spawn_conn(slots, atlas_game::firehose::serve(ctx, stream, peer, fd))
+            }
             (Some(acceptor), _) => spawn_conn(slots, serve_tls(ctx, acceptor, stream, peer)),
         }
     }
@@ -359,19 +361,8 @@ async fn serve_tls(ctx: Rc<ListenerCtx>, acceptor: TlsAcceptor, stream: TcpStrea
         Mode::Http | Mode::Static => atlas_proxy::http::serve(ctx, tls, peer, fd).await,
         Mode::Tcp => atlas_proxy::tcp::serve_stream(ctx, tls, peer, fd).await,
         Mode::Game => atlas_game::session::serve(ctx, tls, peer, fd).await,
-        Mode::Firehose => {}
+        Mode::Firehose => atlas_game::firehose::serve(ctx, tls, peer, fd).await,
     }
-}
-
-/// Placeholder for modes whose issue has not landed (the firehose):
-/// answers every request with 503 and closes.
-async fn not_yet(mut stream: TcpStream) {
-    let _live = Drain::current().connection();
-    let mut buf = atlas_proxy::io::take_buf();
-    let _ = monoio::time::timeout(Duration::from_secs(5), read_more(&mut stream, &mut buf, 16 * 1024)).await;
-    let mut resp = simple_response(503, "the firehose is not implemented in this build yet", false, false, "");
-    let _ = write_vec(&mut stream, &mut resp).await;
-    atlas_proxy::io::give_buf(buf);
 }
 
 /// Builds an io_uring runtime with COOP_TASKRUN + SINGLE_ISSUER (each ring

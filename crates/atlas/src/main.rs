@@ -21,6 +21,9 @@ atlas — load balancer and game gateway
 USAGE:
     atlas [CONFIG]                 run with CONFIG (TOML); without it, the embedded
                                    game-gateway default (ATLAS_PROXY_ADDR, ATLAS_API_ADDR)
+    atlas --master HOST:PORT [--listen IP:PORT]
+                                   a connection firehose to that master (connserver's
+                                   command line; without CONFIG: listener 127.0.0.1:42000)
     atlas --check CONFIG           validate CONFIG, print every error, exit non-zero on error
     atlas --version                print the version
     atlas --help                   print this help
@@ -31,6 +34,8 @@ OPTIONS:
     --takeover-socket PATH         Unix socket for takeover, on both sides: where a running
                                    Atlas offers its sockets and where --takeover connects
                                    (default: [runtime] takeover_socket, /tmp/atlas-takeover.sock)
+    --master HOST:PORT             the firehose's master (overrides [firehose] masters)
+    --listen IP:PORT               the firehose listener's address
 
 ENVIRONMENT:
     ATLAS_LOG                      log filter (tracing EnvFilter syntax), default \"info\"
@@ -38,6 +43,8 @@ ENVIRONMENT:
                                    (default 0.0.0.0:9000 and 127.0.0.1:9001)
     ATLAS_REGION_SIZE              world units per region (overrides [spatial] region_size)
     ATLAS_AUTO_SCALE, ATLAS_MAESTRO_URL   ask Maestro for servers (override [spatial])
+    VOLTLANE_*                     connserver's variables override [firehose] (MASTER_ADDRESS,
+                                   LISTENER_ADDRESS, LOG_LEVEL, CLIENTS_STALE_TIMEOUT_SECS, ...)
 ";
 
 struct Args {
@@ -45,10 +52,13 @@ struct Args {
     check: bool,
     takeover: bool,
     takeover_socket: Option<PathBuf>,
+    /// connserver's `--master` / `--listen` (the firehose).
+    master: Option<String>,
+    listen: Option<String>,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
-    let mut args = Args { config: None, check: false, takeover: false, takeover_socket: None };
+    let mut args = Args { config: None, check: false, takeover: false, takeover_socket: None, master: None, listen: None };
     let mut it = std::env::args_os().skip(1);
     while let Some(a) = it.next() {
         match a.to_str() {
@@ -66,6 +76,8 @@ fn parse_args() -> Result<Option<Args>, String> {
                 args.takeover_socket = Some(it.next().map(PathBuf::from).ok_or("--takeover-socket needs a PATH")?);
             }
             Some(s) if s.starts_with("--takeover-socket=") => args.takeover_socket = Some(PathBuf::from(&s["--takeover-socket=".len()..])),
+            Some("--master") => args.master = Some(it.next().and_then(|a| a.into_string().ok()).ok_or("--master needs HOST:PORT")?),
+            Some("--listen") => args.listen = Some(it.next().and_then(|a| a.into_string().ok()).ok_or("--listen needs IP:PORT")?),
             Some(s) if s.starts_with('-') && s.len() > 1 => return Err(format!("unknown option `{s}` (see --help)")),
             _ => {
                 if args.config.is_some() {
@@ -81,8 +93,15 @@ fn parse_args() -> Result<Option<Args>, String> {
     Ok(Some(args))
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn init_logging(cfg: &atlas_config::Config) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // connserver's log_level, for the firehose's lines (ATLAS_LOG decides
+    // for everything else).
+    if let Some(level) = &cfg.firehose.log_level {
+        if let Ok(d) = format!("atlas_game::firehose={level}").parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
 }
 
@@ -95,8 +114,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // connserver's flags win over its variables, which win over the file
+    // (and stay in force across reloads, which read the variables again).
+    // SAFETY (set_var): no other thread exists yet.
+    if let Some(m) = &args.master {
+        std::env::set_var("VOLTLANE_MASTER_ADDRESS", m);
+    }
+    if let Some(l) = &args.listen {
+        std::env::set_var("VOLTLANE_LISTENER_ADDRESS", l);
+    }
     let loaded = match &args.config {
         Some(p) => atlas_config::load_file(p),
+        None if args.master.is_some() || args.listen.is_some() => atlas_config::firehose_default(),
         None => atlas_config::embedded_default(),
     };
     let cfg = match loaded {
@@ -133,7 +162,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    init_logging();
+    init_logging(&cfg);
     match run(cfg, shared, &args) {
         Ok(code) => code,
         Err(e) => {
@@ -150,6 +179,7 @@ fn start_game(cfg: &atlas_config::Config) -> Result<(), String> {
     // The room API answers even without a game listener: open the store
     // the config names.
     atlas_game::rooms::start(cfg)?;
+    atlas_game::firehose::start(cfg)?;
     if !cfg.listeners.iter().any(|l| l.mode == atlas_config::Mode::Game) {
         return Ok(());
     }
@@ -183,7 +213,7 @@ fn wait_signal(signals: &SigSet, timeout: Duration) -> Option<Signal> {
 }
 
 fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) -> Result<ExitCode, String> {
-    if args.config.is_none() {
+    if args.config.is_none() && args.master.is_none() && args.listen.is_none() {
         tracing::info!("no CONFIG given: running the embedded default (the game gateway and its API)");
     }
     start_game(&cfg)?;

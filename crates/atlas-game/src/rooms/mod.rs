@@ -37,7 +37,7 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    fn new() -> Limiter {
+    pub fn new() -> Limiter {
         Limiter { buckets: Mutex::new(HashMap::new()) }
     }
 

@@ -619,7 +619,7 @@ impl Session {
 }
 
 /// What the bytes read so far say about the upgrade request.
-enum Head {
+pub(crate) enum Head {
     Done(ClientHandshake, usize),
     Partial,
     Refuse(u16, &'static str, &'static str),
@@ -627,7 +627,7 @@ enum Head {
 
 /// Parses the upgrade request (a plain function: httparse's header array
 /// must not live across an await, or every session's task would carry it).
-fn parse_head(buf: &[u8], max: usize) -> Head {
+pub(crate) fn parse_head(buf: &[u8], max: usize) -> Head {
     let mut h = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut h);
     match req.parse(buf) {
@@ -647,7 +647,11 @@ fn parse_head(buf: &[u8], max: usize) -> Head {
 
 /// Reads the upgrade request; answers refusals itself. Returns the
 /// handshake and any bytes read past it.
-async fn read_handshake<S: AsyncReadRent + AsyncWriteRent>(ctx: &ListenerCtx, client: &mut S, buf: &mut Vec<u8>) -> Option<(ClientHandshake, usize)> {
+pub(crate) async fn read_handshake<S: AsyncReadRent + AsyncWriteRent>(
+    ctx: &ListenerCtx,
+    client: &mut S,
+    buf: &mut Vec<u8>,
+) -> Option<(ClientHandshake, usize)> {
     let deadline = Instant::now() + ctx.timeouts.client_header;
     loop {
         match parse_head(buf, ctx.limits.max_header_bytes) {

@@ -1,0 +1,184 @@
+//! The `atlas-firehose` thread: one monoio runtime that dials every master
+//! (redialling with backoff, 100 ms doubling to 5 s), writes each link's
+//! outbox as it fills, reads the masters' packets and hands them to the
+//! workers, and reaps stale clients.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
+use monoio::net::TcpStream;
+
+use super::hub::{lock, Hub, Link};
+use super::wire::{self, FLAG_DATA, FLAG_KICK, FLAG_RECONNECT};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Master bytes read per call.
+const READ_SIZE: usize = 256 * 1024;
+
+/// Starts the thread.
+pub fn spawn(hub: Arc<Hub>) -> std::io::Result<()> {
+    std::thread::Builder::new().name("atlas-firehose".into()).spawn(move || {
+        let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build();
+        let mut rt = match rt {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "internal: the firehose thread cannot start its runtime; no master links");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            for link in &hub.links {
+                monoio::spawn(run_link(hub.clone(), link.clone()));
+            }
+            reaper(hub).await;
+        });
+    })?;
+    Ok(())
+}
+
+async fn reaper(hub: Arc<Hub>) {
+    loop {
+        let every = hub.settings.load().stale_reap_interval.max(Duration::from_millis(100));
+        monoio::time::sleep(every).await;
+        hub.reap(Instant::now());
+    }
+}
+
+/// Dials, serves and redials one master for ever.
+async fn run_link(hub: Arc<Hub>, link: Arc<Link>) {
+    let Some(mut bell) = link.bell.waiter() else { return };
+    let mut backoff = BACKOFF_MIN;
+    let mut was_up = false;
+    loop {
+        let conn = monoio::time::timeout(Duration::from_secs(5), TcpStream::connect(link.addr.as_str())).await;
+        let stream = match conn {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                atlas_proxy::log_limited(
+                    || tracing::warn!(master = %link.addr, error = %e, "upstream: cannot reach the firehose master; retrying with backoff"),
+                );
+                monoio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            Err(_) => {
+                atlas_proxy::log_limited(|| tracing::warn!(master = %link.addr, "upstream: connecting to the firehose master timed out; retrying"));
+                monoio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        backoff = BACKOFF_MIN;
+        link.up.store(true, Ordering::Relaxed);
+        tracing::info!(master = %link.addr, again = was_up, "firehose: master link up");
+        was_up = true;
+        serve_link(&hub, &link, stream, &mut bell).await;
+        link.up.store(false, Ordering::Relaxed);
+        hub.stats.link_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(master = %link.addr, queued = link.queued(), "upstream: firehose master link down; redialling (its clients are kept)");
+        hub.fail_over(&link);
+        monoio::time::sleep(BACKOFF_MIN).await;
+    }
+}
+
+/// Runs one connection to a master until either direction fails.
+async fn serve_link(hub: &Arc<Hub>, link: &Arc<Link>, stream: TcpStream, bell: &mut super::hub::Waiter) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    let (mut r, mut w) = stream.into_split();
+    let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Reader: its own task; it flags the link dead and rings the writer.
+    let (h, l, d) = (hub.clone(), link.clone(), dead.clone());
+    let reader = monoio::spawn(async move {
+        let why = read_master(&h, &l, &mut r).await;
+        tracing::warn!(master = %l.addr, reason = %why, "upstream: firehose master link closed");
+        d.store(true, Ordering::SeqCst);
+        atlas_proxy::io::shutdown_fd(fd);
+        l.bell.ring();
+    });
+    let mut spare: Vec<u8> = Vec::new();
+    loop {
+        if dead.load(Ordering::SeqCst) {
+            break;
+        }
+        let batch = {
+            let mut o = lock(&link.out);
+            o.packets = 0;
+            std::mem::replace(&mut o.bytes, std::mem::take(&mut spare))
+        };
+        if batch.is_empty() {
+            spare = batch;
+            bell.wait(&link.bell).await;
+            continue;
+        }
+        let (res, mut b) = w.write_all(batch).await;
+        if let Err(e) = res {
+            tracing::warn!(master = %link.addr, error = %e, "upstream: write to the firehose master failed");
+            // The unsent batch is lost with the connection (as any bytes in
+            // flight on a TCP stream that breaks are).
+            atlas_proxy::io::shutdown_fd(fd);
+            break;
+        }
+        b.clear();
+        if b.capacity() <= 4 * READ_SIZE {
+            spare = b;
+        }
+    }
+    let _ = reader.await;
+}
+
+/// Reads master packets until the link fails; returns why.
+async fn read_master(hub: &Hub, link: &Link, r: &mut monoio::net::tcp::TcpOwnedReadHalf) -> String {
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_SIZE);
+    let mut start = 0usize;
+    let mut batch: Vec<(u64, u8, Vec<u8>)> = Vec::new();
+    loop {
+        if start > 0 && (start == buf.len() || start > buf.capacity() / 2) {
+            buf.drain(..start);
+            start = 0;
+        }
+        let max = hub.settings.load().max_frame_length + 13;
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(READ_SIZE.max(max + 4 - (buf.len() - start)));
+        }
+        let len = buf.len();
+        let cap = buf.capacity();
+        let (res, slice) = r.read(std::mem::take(&mut buf).slice_mut(len..cap)).await;
+        buf = slice.into_inner();
+        match res {
+            Ok(0) => return "the master closed the connection".into(),
+            Err(e) => return format!("read error: {e}"),
+            Ok(_) => {}
+        }
+        loop {
+            // The payload holds the 9-byte tag and at most max_frame_length of data.
+            let frame = match wire::next_frame(&buf[start..], max - 4) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return format!("protocol: {e} (dropping the link)"),
+            };
+            let payload = &buf[start + frame.0..start + frame.1];
+            match wire::parse_tagged(payload) {
+                Ok(p) if p.flag == FLAG_DATA || p.flag == FLAG_KICK => batch.push((p.id, p.flag, p.data.to_vec())),
+                Ok(p) if p.flag == FLAG_RECONNECT => {}
+                Ok(p) => atlas_proxy::log_limited(
+                    || tracing::warn!(master = %link.addr, flag = p.flag, "upstream: unknown flag from the firehose master; packet ignored"),
+                ),
+                Err(e) => {
+                    if !batch.is_empty() {
+                        hub.deliver(link, &mut batch);
+                    }
+                    return format!("protocol: {e} (dropping the link)");
+                }
+            }
+            start += frame.1;
+        }
+        if !batch.is_empty() {
+            hub.deliver(link, &mut batch);
+        }
+    }
+}
