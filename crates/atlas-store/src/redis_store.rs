@@ -409,9 +409,8 @@ impl RoomStore for RedisStore {
         // Idle since before now - grace, a bounded batch per call.
         let idle = self.key("idle");
         let cutoff = now_ms.saturating_sub(grace_ms);
-        let ids: Vec<String> = self.with(|con| {
-            redis::cmd("ZRANGEBYSCORE").arg(&idle).arg("-inf").arg(format!("({cutoff}")).arg("LIMIT").arg(0).arg(SWEEP_BATCH).query(con)
-        })?;
+        let ids: Vec<String> =
+            self.with(|con| redis::cmd("ZRANGEBYSCORE").arg(&idle).arg("-inf").arg(format!("({cutoff}")).arg("LIMIT").arg(0).arg(SWEEP_BATCH).query(con))?;
         let mut gone = Vec::new();
         for id in &ids {
             if let Some(r) = self.delete_if(id, |cur| !expired(cur, now_ms, grace_ms))? {

@@ -41,7 +41,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::Atlas;
-use game::{fake_maestro, http_json, http_raw, move_msg, wait_for, MaestroLog, Frame, GameServer, WsClient, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
+use game::{fake_maestro, http_json, http_raw, move_msg, wait_for, Frame, GameServer, MaestroLog, WsClient, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------

@@ -1245,11 +1245,7 @@ mod fleet {
         let gone_after = killed.elapsed();
         eprintln!("the dead instance's server left the fleet {gone_after:?} after the kill");
         assert!(gone_after >= Duration::from_millis(500), "removed after {gone_after:?}: before its lease could run out");
-        assert!(
-            wait_for(Duration::from_secs(3), || server_of(&get_room(l, &room).1) == sid(&other)),
-            "its room did not move: {}",
-            get_room(l, &room).1
-        );
+        assert!(wait_for(Duration::from_secs(3), || server_of(&get_room(l, &room).1) == sid(&other)), "its room did not move: {}", get_room(l, &room).1);
         // Registered again, through the live instance: routable again.
         orphan.register_with_metadata(l, (0, 0, 0), (500.0, 500.0, 500.0), 500.0, 100, json!({})).expect("register with the live instance");
         wait_listed(l, &[sid(&orphan)], Duration::from_secs(2));
