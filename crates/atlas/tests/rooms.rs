@@ -1023,6 +1023,38 @@ fn full_fleet_asks_maestro_for_a_server_when_auto_scale_is_on() {
     }
 }
 
+/// `[store] snapshot` (rooms) and `[spatial] snapshot` (servers): after a
+/// restart the room is still there, on the same server, and joinable.
+#[test]
+fn memory_store_snapshot_keeps_rooms_and_servers_across_a_restart() {
+    let rooms_file = common::temp_path("rooms.json");
+    let servers_file = common::temp_path("servers.json");
+    let store = format!("[store]\nbackend = \"memory\"\nsnapshot = {:?}\n", rooms_file.display().to_string());
+    let cfg = config_with(&store, DEFAULT_ROOMS).replace("[spatial]\n", &format!("[spatial]\nsnapshot = {:?}\n", servers_file.display().to_string()));
+    let mut first = Atlas::start(&cfg);
+    let s = game_server(api(&first), "kept", 0, 100, json!({}));
+    s.set_room_reports(None);
+    let v = create_ok(api(&first), json!({"capacity": 4, "mode": "duel"}));
+    let id = room_id(&v);
+    first.expect_exit();
+    first.signal("TERM");
+    assert!(first.wait_exit(Duration::from_secs(10)).is_some(), "Atlas did not stop on SIGTERM");
+    drop(first);
+
+    let second = Atlas::start(&cfg);
+    let (status, got) = get_room(api(&second), &id);
+    assert_eq!(status, 200, "the room did not survive the restart: {got}");
+    assert_eq!(server_of(&got), sid(&s), "{got}");
+    assert_eq!(got["mode"], "duel", "{got}");
+    assert!(server_ids(api(&second)).contains(&sid(&s)), "the server did not survive the restart: {:?}", server_ids(api(&second)));
+    // The server heartbeats the new process; a join through it reaches the room.
+    s.heartbeat(api(&second)).expect("heartbeat after the restart");
+    let mut p = join(second.addr(), &id, "back");
+    assert_eq!(acked_by(&mut p, 1), s.name());
+    let _ = std::fs::remove_file(&rooms_file);
+    let _ = std::fs::remove_file(&servers_file);
+}
+
 #[test]
 fn room_counters_in_metrics() {
     let store = Store::new(Backend::Memory);
