@@ -1,5 +1,5 @@
-//! Properties the `ws_frames` fuzz target checks (and the seed replay in
-//! `tests/fuzz_seeds.rs` runs on stable Rust).
+//! Properties the `ws_frames` and `firehose` fuzz targets check (and the
+//! seed replay in `tests/fuzz_seeds.rs` runs on stable Rust).
 
 use crate::ws::frame::{encode_header, parse_header, Chunk, Decoder, Sender, TextTap};
 
@@ -44,5 +44,34 @@ pub fn check_frames(data: &[u8]) {
             encode_header(&mut out, h.fin, h.rsv, h.opcode, h.mask, h.len);
             assert_eq!(&out[..], &data[..h.header_len]);
         }
+    }
+}
+
+/// Firehose decoding (client frames, control messages, master packets):
+/// never panics; a decoded control message re-encodes to a message that
+/// decodes the same; frame lengths are bounded whatever the prefix says;
+/// a master packet shorter than 9 bytes is an error, not a crash.
+pub fn check_firehose(data: &[u8]) {
+    use crate::firehose::wire::{decode_control, encode_control, next_frame, parse_tagged, push_tagged};
+    if let Ok(c) = decode_control(data) {
+        let again = encode_control(&c);
+        assert_eq!(decode_control(&again).as_ref(), Ok(&c), "re-encoding changed {c:?}");
+        assert!(again.len() <= data.len(), "a canonical encoding is never longer");
+    }
+    let max = data.first().map_or(16, |b| 16 + usize::from(*b) * 8);
+    let mut rest = data;
+    while let Ok(Some((s, e))) = next_frame(rest, max) {
+        assert!(e - s <= max, "a frame past the bound was accepted");
+        let payload = &rest[s..e];
+        let _ = decode_control(payload);
+        match parse_tagged(payload) {
+            Ok(p) => {
+                let mut out = Vec::new();
+                push_tagged(&mut out, p.id, p.flag, p.data);
+                assert_eq!(&out[4..], payload, "a master packet re-encodes to its bytes");
+            }
+            Err(_) => assert!(payload.len() < 9),
+        }
+        rest = &rest[e..];
     }
 }
