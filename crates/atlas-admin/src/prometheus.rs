@@ -87,6 +87,41 @@ fn game(out: &mut String) {
     rooms(out);
 }
 
+/// The firehose's gauges and counters (when a firehose listener runs).
+fn firehose(out: &mut String) {
+    let Some(hub) = atlas_game::firehose::hub() else { return };
+    let st = &hub.stats;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let (clients, stale) = {
+        let t = hub.table.lock().unwrap_or_else(|e| e.into_inner());
+        (t.clients.len(), t.nstale)
+    };
+    family(out, "atlas_firehose_clients", "gauge", "Firehose clients by state (stale: disconnected, may still reconnect).");
+    let _ = writeln!(out, "atlas_firehose_clients{{state=\"live\"}} {}", clients - stale);
+    let _ = writeln!(out, "atlas_firehose_clients{{state=\"stale\"}} {stale}");
+    family(out, "atlas_firehose_master_up", "gauge", "1 while the link to a master is connected.");
+    for l in &hub.links {
+        let _ = writeln!(out, "atlas_firehose_master_up{{master=\"{}\"}} {}", l.addr, u8::from(l.up.load(Ordering::Relaxed)));
+    }
+    family(out, "atlas_firehose_master_queued_packets", "gauge", "Packets waiting in a master link's outbox.");
+    for l in &hub.links {
+        let _ = writeln!(out, "atlas_firehose_master_queued_packets{{master=\"{}\"}} {}", l.addr, l.queued());
+    }
+    family(out, "atlas_firehose_frames_total", "counter", "Frames relayed, by direction.");
+    let _ = writeln!(out, "atlas_firehose_frames_total{{direction=\"to_master\"}} {}", get(&st.to_master));
+    let _ = writeln!(out, "atlas_firehose_frames_total{{direction=\"to_clients\"}} {}", get(&st.to_clients));
+    family(out, "atlas_firehose_clients_total", "counter", "Client handshakes, by outcome.");
+    let _ = writeln!(out, "atlas_firehose_clients_total{{outcome=\"new\"}} {}", get(&st.accepted));
+    let _ = writeln!(out, "atlas_firehose_clients_total{{outcome=\"reconnected\"}} {}", get(&st.reconnected));
+    let _ = writeln!(out, "atlas_firehose_clients_total{{outcome=\"reconnect_refused\"}} {}", get(&st.reconnects_refused));
+    let _ = writeln!(out, "atlas_firehose_clients_total{{outcome=\"refused\"}} {}", get(&st.refused));
+    family(out, "atlas_firehose_clients_removed_total", "counter", "Clients forgotten, by cause (failed: the master got 0x01).");
+    let _ = writeln!(out, "atlas_firehose_clients_removed_total{{cause=\"failed\"}} {}", get(&st.failed));
+    let _ = writeln!(out, "atlas_firehose_clients_removed_total{{cause=\"kicked\"}} {}", get(&st.kicked));
+    family(out, "atlas_firehose_master_link_failures_total", "counter", "Master links that went down.");
+    let _ = writeln!(out, "atlas_firehose_master_link_failures_total {}", get(&st.link_failures));
+}
+
 /// The room gateway's counters (this instance's; a fleet sums them).
 fn rooms(out: &mut String) {
     let st = &atlas_game::rooms::rooms().stats;
@@ -222,5 +257,6 @@ pub fn render(state: &AdminState) -> String {
     if g.cfg.listeners.iter().any(|l| l.mode == atlas_config::Mode::Game) {
         game(&mut out);
     }
+    firehose(&mut out);
     out
 }
