@@ -379,6 +379,28 @@ fn end_client(hub: &Hub, id: u64, w: usize) {
     hub.disconnected(id, w);
 }
 
+/// Appends what `f` pushes to the outbox of the client's current master
+/// (one lock for the lot) and wakes the link when it was idle.
+fn forward<T>(hub: &Hub, route: &AtomicUsize, id: u64, f: impl FnOnce(&mut dyn FnMut(&[u8])) -> T) -> T {
+    let Some(link) = hub.links.get(route.load(Ordering::Relaxed)) else {
+        return f(&mut |_| {});
+    };
+    let mut n = 0u64;
+    let mut o = lock(&link.out);
+    let was_empty = o.bytes.is_empty();
+    let out = f(&mut |p: &[u8]| {
+        wire::push_tagged(&mut o.bytes, id, FLAG_DATA, p);
+        o.packets += 1;
+        n += 1;
+    });
+    drop(o);
+    if was_empty && n > 0 {
+        link.bell.ring();
+    }
+    hub.stats.to_master.fetch_add(n, Ordering::Relaxed);
+    out
+}
+
 /// Client frames -> the master link's outbox, until the client leaves.
 #[allow(clippy::too_many_arguments)]
 async fn reader<R: AsyncReadRent>(
@@ -392,34 +414,37 @@ async fn reader<R: AsyncReadRent>(
     tx: &unbounded::Tx<Out>,
 ) -> String {
     let drain = Drain::current();
-    let mut tokens = 0.0f64;
+    let rate0 = hub.settings.load().client_rate;
+    let mut tokens = rate0.max(1.0);
     let mut refill = Instant::now();
     // Payloads read along with the handshake come first.
-    let mut early: Vec<Vec<u8>> = pending.into_iter().collect();
+    let mut early = pending;
     loop {
         let s = hub.settings.load();
-        let Some(link) = hub.links.get(route.load(Ordering::Relaxed)) else { return "internal: no master link".into() };
-        let mut n = 0u64;
         let mut ctl = Vec::new();
-        let res = {
-            let mut o = lock(&link.out);
-            let was_empty = o.bytes.is_empty();
-            let mut push = |p: &[u8]| {
-                wire::push_tagged(&mut o.bytes, id, FLAG_DATA, p);
-                o.packets += 1;
-                n += 1;
-            };
-            for p in early.drain(..) {
-                push(&p);
+        let res = if s.client_rate > 0.0 {
+            // Per-client rate: frames past it wait here, and reading waits
+            // with them (nothing is dropped).
+            let res = framing.drain(&mut buf, s.max_frame_length, &mut |p| early.push_back(p.to_vec()), &mut ctl);
+            while !early.is_empty() {
+                let now = Instant::now();
+                tokens = (tokens + now.duration_since(refill).as_secs_f64() * s.client_rate).min(s.client_rate.max(1.0));
+                refill = now;
+                if tokens < 1.0 {
+                    monoio::time::sleep(Duration::from_secs_f64((1.0 - tokens) / s.client_rate)).await;
+                    continue;
+                }
+                let k = (tokens as usize).min(early.len());
+                forward(hub, route, id, |push| early.drain(..k).for_each(|p| push(&p)));
+                tokens -= k as f64;
             }
-            let r = framing.drain(&mut buf, s.max_frame_length, &mut push, &mut ctl);
-            drop(o);
-            if was_empty && n > 0 {
-                link.bell.ring();
-            }
-            r
+            res
+        } else {
+            forward(hub, route, id, |push| {
+                early.drain(..).for_each(|p| push(&p));
+                framing.drain(&mut buf, s.max_frame_length, push, &mut ctl)
+            })
         };
-        hub.stats.to_master.fetch_add(n, Ordering::Relaxed);
         if let Err(e) = res {
             return format!("client: {e}");
         }
@@ -434,18 +459,8 @@ async fn reader<R: AsyncReadRent>(
                 }
             }
         }
-        // Per-client rate: past it, reading pauses (nothing is dropped).
-        if s.client_rate > 0.0 {
-            let now = Instant::now();
-            tokens = (tokens + now.duration_since(refill).as_secs_f64() * s.client_rate).min(s.client_rate.max(1.0));
-            refill = now;
-            tokens -= n as f64;
-            if tokens < 0.0 {
-                monoio::time::sleep(Duration::from_secs_f64(-tokens / s.client_rate)).await;
-            }
-        }
         // Backpressure: a full outbox pauses this client's reads.
-        while link.queued() >= s.master_channel_capacity && !drain.is_draining() {
+        while hub.links.get(route.load(Ordering::Relaxed)).is_some_and(|l| l.queued() >= s.master_channel_capacity) && !drain.is_draining() {
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
         if drain.is_draining() {
