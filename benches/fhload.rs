@@ -5,10 +5,13 @@
 //!                                   to the same client id (one thread per link)
 //!   fhload direct LISTEN            echo server for raw frames (the baseline:
 //!                                   clients connect to it instead of Atlas)
-//!   fhload clients TARGET N SECS SIZE WINDOW THREADS [direct]
+//!   fhload clients TARGET N SECS SIZE WINDOW THREADS [direct] [RATE]
 //!                                   N clients (handshake unless `direct`),
 //!                                   each keeping WINDOW frames of SIZE bytes in
-//!                                   flight; prints round trips/s and RTT p50/p99
+//!                                   flight; prints round trips/s and RTT p50/p99.
+//!                                   RATE (round trips/s in all): paced sweeps
+//!                                   instead of as fast as possible (latency at
+//!                                   a given load rather than at saturation)
 //!   fhload idle TARGET N HOLD_SECS  N clients through the handshake, then idle
 //!
 //! Blocking sockets; a client thread drives N/THREADS clients in turn.
@@ -149,6 +152,7 @@ fn clients(args: &[String]) {
     let window: usize = args[4].parse().expect("WINDOW");
     let threads: usize = args[5].parse::<usize>().expect("THREADS").max(1);
     let raw = args.get(6).is_some_and(|a| a == "direct");
+    let rate: f64 = args.get(7).and_then(|r| r.parse().ok()).unwrap_or(0.0);
     let epoch = Instant::now();
     let per = n.div_ceil(threads);
     let handles: Vec<_> = (0..threads)
@@ -170,22 +174,44 @@ fn clients(args: &[String]) {
                     payload[..8].copy_from_slice(&ns.to_le_bytes());
                     s.write_all(&frame(payload)).expect("send");
                 };
-                for s in conns.iter_mut() {
-                    for _ in 0..window {
-                        send(s, &mut payload);
-                    }
-                }
                 let mut hist = Hist(vec![0; 256]);
                 let mut done = 0u64;
                 let start = Instant::now();
                 let deadline = start + Duration::from_secs_f64(secs);
-                while Instant::now() < deadline {
+                let record = |p: &[u8], hist: &mut Hist| {
+                    let sent = u64::from_le_bytes(p[..8].try_into().unwrap());
+                    hist.add((epoch.elapsed().as_nanos() as u64).saturating_sub(sent) as f64 / 1000.0);
+                };
+                if rate > 0.0 {
+                    // Paced: every sweep sends one frame per client, then
+                    // reads the replies; sweep k starts at k * clients / rate.
+                    let every = Duration::from_secs_f64(conns.len().max(1) as f64 * threads as f64 / rate);
+                    let mut k = 0u32;
+                    while Instant::now() < deadline {
+                        if let Some(wait) = (start + every * k).checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        k += 1;
+                        for s in conns.iter_mut() {
+                            send(s, &mut payload);
+                        }
+                        for s in conns.iter_mut() {
+                            record(&read_frame(s).expect("reply"), &mut hist);
+                            done += 1;
+                        }
+                    }
+                } else {
                     for s in conns.iter_mut() {
-                        let p = read_frame(s).expect("reply");
-                        let sent = u64::from_le_bytes(p[..8].try_into().unwrap());
-                        hist.add((epoch.elapsed().as_nanos() as u64).saturating_sub(sent) as f64 / 1000.0);
-                        done += 1;
-                        send(s, &mut payload);
+                        for _ in 0..window {
+                            send(s, &mut payload);
+                        }
+                    }
+                    while Instant::now() < deadline {
+                        for s in conns.iter_mut() {
+                            record(&read_frame(s).expect("reply"), &mut hist);
+                            done += 1;
+                            send(s, &mut payload);
+                        }
                     }
                 }
                 (done, start.elapsed(), hist)
