@@ -36,6 +36,12 @@ pub struct Limiter {
     buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
 }
 
+impl Default for Limiter {
+    fn default() -> Limiter {
+        Limiter::new()
+    }
+}
+
 impl Limiter {
     pub fn new() -> Limiter {
         Limiter { buckets: Mutex::new(HashMap::new()) }
