@@ -719,6 +719,30 @@ fn after_the_handshake_every_client_frame_is_opaque_data() {
     expect_recv(&mut c, b"", "an empty data packet");
 }
 
+/// A client that pipelines data right behind its PubKey (before its
+/// ClientId arrives), in the same write, loses none of it, however large.
+#[test]
+fn data_pipelined_behind_the_handshake_is_forwarded_in_order() {
+    let master = TestMaster::start();
+    let fh = start(&[&master], "");
+    let mut c = FirehoseClient::raw(fh.addr());
+    let secret = firehose::new_secret();
+    let big = firehose::random_bytes(4000);
+    let mut bytes = frame(&Control::ProtocolVersion(2).encode());
+    bytes.extend(frame(&Control::PubKey(firehose::public_bytes(&secret)).encode()));
+    bytes.extend(frame(&big));
+    bytes.extend(frame(b"second"));
+    c.send_raw(&bytes).expect("send the pipelined handshake");
+    assert!(matches!(Control::decode(&c.recv(T).expect("PubKey")), Ok(Control::PubKey(_))));
+    let id = match Control::decode(&c.recv(T).expect("ClientId")) {
+        Ok(Control::ClientId(id)) => id,
+        other => panic!("expected ClientId, got {other:?}"),
+    };
+    assert!(master.wait_packet(T, |p| p.is_data(id, b"second")).is_some(), "{}", show_packets(&master.packets()));
+    let data: Vec<Vec<u8>> = master.packets().iter().filter(|p| p.id == id && p.flag == FLAG_DATA).map(|p| p.data.clone()).collect();
+    assert_eq!(data, vec![big, b"second".to_vec()], "the pipelined frames, in order");
+}
+
 /// Sends `bytes` on the master link and checks that Atlas drops it, redials,
 /// stays up, and its clients work again.
 fn assert_bad_master_frame_redials(max_frame_length: usize, bytes: &[u8], what: &str) {

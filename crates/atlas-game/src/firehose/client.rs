@@ -195,8 +195,17 @@ async fn next_payload<S: AsyncReadRent>(
     }
 }
 
-async fn next_control<S: AsyncReadRent>(s: &mut S, framing: &mut Framing, buf: &mut Vec<u8>, pending: &mut VecDeque<Vec<u8>>) -> Result<Control, String> {
-    let p = next_payload(s, framing, buf, pending, 256).await?;
+/// The next payload as a control message. Frames are bounded by
+/// `max_frame_length` (a client may pipeline data after its handshake);
+/// the control decoder has its own small limit.
+async fn next_control<S: AsyncReadRent>(
+    s: &mut S,
+    framing: &mut Framing,
+    buf: &mut Vec<u8>,
+    pending: &mut VecDeque<Vec<u8>>,
+    max: usize,
+) -> Result<Control, String> {
+    let p = next_payload(s, framing, buf, pending, max).await?;
     wire::decode_control(&p).map_err(|e: WireError| e.to_string())
 }
 
@@ -262,7 +271,15 @@ where
     let (tx, rx) = unbounded::channel();
     let queued = Rc::new(Cell::new(0usize));
     let local = Local { tx: tx.clone(), queued: queued.clone(), fd };
-    let joined = monoio::time::timeout(s.handshake_timeout, handshake(&hub, w, &mut stream, &mut framing, &mut buf, &mut pending, local)).await;
+    let registered = Cell::new(None);
+    let joined = monoio::time::timeout(s.handshake_timeout, handshake(&hub, w, &mut stream, &mut framing, &mut buf, &mut pending, local, &registered)).await;
+    if joined.is_err() {
+        // Cut off after it got an id (its ClientId write hung): it must not
+        // stay live with no connection.
+        if let Some(id) = registered.get() {
+            end_client(&hub, id, w);
+        }
+    }
     let joined = match joined {
         Ok(Ok(j)) => j,
         Ok(Err(why)) => {
@@ -289,7 +306,7 @@ where
     // Spec §3.2 steps 6-7: the client pings, Atlas pings back, then the
     // packets it missed, in order, before anything newer.
     if back {
-        let ok = match monoio::time::timeout(s.handshake_timeout, next_control(&mut stream, &mut framing, &mut buf, &mut pending)).await {
+        let ok = match monoio::time::timeout(s.handshake_timeout, next_control(&mut stream, &mut framing, &mut buf, &mut pending, s.max_frame_length)).await {
             Ok(Ok(Control::Ping)) => {
                 let mut out = Vec::new();
                 framing.frame_out(&mut out, &wire::encode_control(&Control::Ping));
@@ -326,17 +343,21 @@ async fn handshake<S: AsyncReadRent + AsyncWriteRent>(
     buf: &mut Vec<u8>,
     pending: &mut VecDeque<Vec<u8>>,
     local: Local,
+    registered: &Cell<Option<u64>>,
 ) -> Result<Joined, String> {
     // The client's queue is registered in the same step that makes it live
     // (no await between), so no packet for it can find this worker without it.
-    let register = |id: u64, local: Local| LOCAL.with(|l| l.borrow_mut().insert(id, local));
-    match next_control(s, framing, buf, pending).await? {
+    let register = |id: u64, local: Local| {
+        registered.set(Some(id));
+        LOCAL.with(|l| l.borrow_mut().insert(id, local))
+    };
+    match next_control(s, framing, buf, pending, hub.settings.load().max_frame_length).await? {
         Control::ProtocolVersion(PROTOCOL_VERSION) => {}
         Control::ProtocolVersion(v) => return Err(format!("protocol version {v} (only {PROTOCOL_VERSION} is spoken)")),
         other => return Err(format!("expected ProtocolVersion, got {other:?}")),
     }
     send_control(s, framing, &Control::PubKey(hub.key.public_sec1().to_vec())).await?;
-    match next_control(s, framing, buf, pending).await? {
+    match next_control(s, framing, buf, pending, hub.settings.load().max_frame_length).await? {
         Control::PubKey(k) => {
             if k.len() != PUBKEY_LEN || crypto::parse_public(&k).is_none() {
                 return Err("the client's PubKey is not a SEC1 compressed secp256k1 point".into());
@@ -359,7 +380,7 @@ async fn handshake<S: AsyncReadRent + AsyncWriteRent>(
             let shared = hub.key.shared_key(&public);
             let secret = crypto::challenge();
             send_control(s, framing, &Control::Challenge(crypto::seal(&shared, &secret))).await?;
-            match next_control(s, framing, buf, pending).await? {
+            match next_control(s, framing, buf, pending, hub.settings.load().max_frame_length).await? {
                 Control::ChallengeResponse(r) if r.len() == SEALED_LEN && crypto::open(&shared, &r).is_some_and(|p| p == secret) => {}
                 Control::ChallengeResponse(_) => return Err(refused("wrong challenge response")),
                 other => return Err(refused(&format!("expected ChallengeResponse, got {other:?}"))),
