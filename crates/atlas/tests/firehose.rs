@@ -743,6 +743,22 @@ fn data_pipelined_behind_the_handshake_is_forwarded_in_order() {
     assert_eq!(data, vec![big, b"second".to_vec()], "the pipelined frames, in order");
 }
 
+/// SIGTERM closes the connected clients at once (they reconnect to the
+/// successor) instead of holding the process until the drain timeout.
+#[test]
+fn sigterm_closes_connected_clients_and_exits_promptly() {
+    let master = TestMaster::start();
+    let mut fh = start(&[&master], "");
+    let mut c = connect(fh.addr());
+    round_trip(&master, &mut c, "before the drain");
+    fh.expect_exit();
+    let t = Instant::now();
+    fh.signal("TERM");
+    assert!(c.is_closed(Duration::from_secs(3)), "the client is still connected 3 s after SIGTERM");
+    assert!(fh.wait_exit(Duration::from_secs(5)).is_some(), "Atlas did not exit within 5 s of SIGTERM (drain_timeout is 30 s)");
+    eprintln!("closed and exited {:?} after SIGTERM", t.elapsed());
+}
+
 /// Sends `bytes` on the master link and checks that Atlas drops it, redials,
 /// stays up, and its clients work again.
 fn assert_bad_master_frame_redials(max_frame_length: usize, bytes: &[u8], what: &str) {

@@ -546,6 +546,12 @@ fn ensure_dispatcher(hub: &Arc<Hub>, w: usize) {
     let Some(waiter) = mb.bell.waiter() else { return };
     hub.set_mailbox(w, mb.clone());
     monoio::spawn(dispatch(hub.clone(), mb, waiter));
+    // A drain (SIGTERM, takeover) closes this worker's clients at once
+    // rather than at the drain timeout; they reconnect to the successor.
+    monoio::spawn(async {
+        Drain::current().started().await;
+        LOCAL.with(|l| l.borrow().values().for_each(|c| shutdown_fd(c.fd)));
+    });
 }
 
 async fn dispatch(hub: Arc<Hub>, mb: Arc<Mailbox>, mut waiter: super::hub::Waiter) {
