@@ -67,20 +67,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Polls `cond` every 5 ms until it holds or `timeout` passed; returns the
-/// last value of `cond`.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return cond();
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-}
+/// Polls a condition every 5 ms until it holds or the time is up (the
+/// shared harness helper).
+pub use crate::common::wait_until as wait_for;
 
 /// True for the errors that mean "the peer closed or reset the socket".
 pub fn is_closed_error(e: &io::Error) -> bool {
