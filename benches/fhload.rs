@@ -57,70 +57,69 @@ fn handshake(s: &mut TcpStream) -> std::io::Result<u64> {
     }
 }
 
-/// Echo master: tagged packets back as they came (data only).
-fn master(listen: &str) {
+/// Accepts on `listen` for ever; each connection gets a thread running
+/// `serve(reader, writer)` (TCP_NODELAY on).
+fn serve_each(listen: &str, serve: fn(TcpStream, TcpStream)) {
     let l = TcpListener::bind(listen).expect("bind");
     for s in l.incoming().flatten() {
-        std::thread::spawn(move || {
-            let _ = s.set_nodelay(true);
-            let mut r = s.try_clone().expect("clone");
-            let mut w = s;
-            let mut buf = vec![0u8; 1 << 20];
-            let (mut start, mut end) = (0usize, 0usize);
-            let mut out = Vec::with_capacity(1 << 20);
-            loop {
-                if start == end {
-                    start = 0;
-                    end = 0;
-                } else if end == buf.len() {
-                    buf.copy_within(start..end, 0);
-                    end -= start;
-                    start = 0;
-                }
-                match r.read(&mut buf[end..]) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => end += n,
-                }
-                out.clear();
-                while end - start >= 4 {
-                    let n = u32::from_le_bytes(buf[start..start + 4].try_into().unwrap()) as usize;
-                    if end - start < 4 + n {
-                        break;
-                    }
-                    if n >= 9 && buf[start + 12] == 0 {
-                        out.extend_from_slice(&buf[start..start + 4 + n]);
-                    }
-                    start += 4 + n;
-                }
-                if !out.is_empty() && w.write_all(&out).is_err() {
-                    return;
-                }
-            }
-        });
+        let _ = s.set_nodelay(true);
+        let r = s.try_clone().expect("clone");
+        std::thread::spawn(move || serve(r, s));
     }
+}
+
+/// Echo master: tagged packets back as they came (data only).
+fn master(listen: &str) {
+    serve_each(listen, |mut r, mut w| {
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut start, mut end) = (0usize, 0usize);
+        let mut out = Vec::with_capacity(1 << 20);
+        loop {
+            if start == end {
+                start = 0;
+                end = 0;
+            } else if end == buf.len() {
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+            }
+            match r.read(&mut buf[end..]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => end += n,
+            }
+            out.clear();
+            while end - start >= 4 {
+                let n = u32::from_le_bytes(buf[start..start + 4].try_into().unwrap()) as usize;
+                if end - start < 4 + n {
+                    break;
+                }
+                if n >= 9 && buf[start + 12] == 0 {
+                    out.extend_from_slice(&buf[start..start + 4 + n]);
+                }
+                start += 4 + n;
+            }
+            if !out.is_empty() && w.write_all(&out).is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// Raw-frame echo server (thread per connection).
 fn direct(listen: &str) {
-    let l = TcpListener::bind(listen).expect("bind");
-    for s in l.incoming().flatten() {
-        std::thread::spawn(move || {
-            let _ = s.set_nodelay(true);
-            let mut r = s.try_clone().expect("clone");
-            let mut w = s;
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        if w.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
+    serve_each(listen, |mut r, mut w| {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if w.write_all(&buf[..n]).is_err() {
+                        return;
                     }
                 }
             }
-        });
-    }
+        }
+    });
 }
 
 /// Log-spaced RTT histogram: bucket i holds [2^(i/8) µs, 2^((i+1)/8) µs).

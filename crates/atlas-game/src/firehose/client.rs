@@ -25,7 +25,7 @@ use super::crypto;
 use super::hub::{lock, Delivery, Hub, Mailbox};
 use super::wire::{self, Control, WireError, FLAG_DATA, PROTOCOL_VERSION, PUBKEY_LEN, SEALED_LEN};
 use crate::session::{close_frame, own_frame, read_handshake};
-use crate::ws::frame::{apply_mask, Chunk, Decoder, Opcode, Sender};
+use crate::ws::frame::{apply_mask, encode_header, Chunk, Decoder, Opcode, Sender};
 use crate::ws::handshake;
 
 /// What a client's writer sends.
@@ -152,10 +152,7 @@ impl Framing {
 
     /// Appends `payload` framed for the client.
     fn frame_out(&self, out: &mut Vec<u8>, payload: &[u8]) {
-        match self {
-            Framing::Raw => wire::push_frame(out, payload),
-            Framing::Ws(_) => out.extend_from_slice(&own_frame(Opcode::Binary, payload, false)),
-        }
+        frame_out(out, payload, self.is_ws());
     }
 
     fn is_ws(&self) -> bool {
@@ -495,20 +492,26 @@ async fn reader<R: AsyncReadRent>(
     }
 }
 
+/// Appends `payload` as a length-prefixed frame, or as an unmasked binary
+/// WebSocket frame (header straight into `out`: no copy per frame).
+fn frame_out(out: &mut Vec<u8>, payload: &[u8], ws: bool) {
+    if ws {
+        encode_header(out, true, 0, Opcode::Binary, None, payload.len() as u64);
+        out.extend_from_slice(payload);
+    } else {
+        wire::push_frame(out, payload);
+    }
+}
+
 /// The only writer of the client socket.
 async fn writer<W: AsyncWriteRent>(mut w: W, mut rx: unbounded::Rx<Out>, queued: Rc<Cell<usize>>, ws: bool, fd: RawFd) {
-    let framing = if ws {
-        Framing::Ws(Box::new(WsIn { dec: Decoder::new(Sender::Client, 0, 0), mask: None, in_ctl: false, op: Opcode::Binary, msg: Vec::new(), ctl: Vec::new() }))
-    } else {
-        Framing::Raw
-    };
     let mut out = Vec::new();
     while let Some(first) = rx.recv().await {
         out.clear();
         let add = |out: &mut Vec<u8>, m: Out| match m {
             Out::Data(p) => {
                 queued.set(queued.get().saturating_sub(1));
-                framing.frame_out(out, &p);
+                frame_out(out, &p, ws);
             }
             Out::Raw(b) => out.extend_from_slice(&b),
         };

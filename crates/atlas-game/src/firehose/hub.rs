@@ -398,8 +398,8 @@ impl Hub {
     }
 
     /// Routes one batch of master packets (flag 0x00 and 0x02) to the
-    /// clients' workers, buffering for stale ones; returns the failures to
-    /// send back.
+    /// clients' workers, buffering for stale ones; failures (unknown id,
+    /// buffering off or full) go back to the master as 0x01.
     pub fn deliver(&self, link: &Link, packets: &mut Vec<(u64, u8, Vec<u8>)>) {
         let s = self.settings.load();
         let mut per_worker: HashMap<usize, Vec<Delivery>> = HashMap::new();
