@@ -18,6 +18,8 @@
 //! - keepalive pings and idle timeouts;
 //! - 5000 pipelined messages each way, and messages pipelined through a
 //!   transfer or a border crossing;
+//! - backpressure: a server flooding a player who does not read is held
+//!   back, and nothing is lost;
 //! - the game listener over TLS.
 //!
 //! Every wait is a bounded poll (`game::wait_for`) or a socket timeout. The
@@ -1207,6 +1209,69 @@ fn five_thousand_pipelined_messages_each_way_exactly_once_in_order() {
     let text = metrics(&atlas);
     assert_eq!(metric(&text, "atlas_game_messages_total{direction=\"client_to_server\"}"), N as f64);
     assert_eq!(metric(&text, "atlas_game_messages_total{direction=\"server_to_client\"}"), (N + PUSHES) as f64);
+}
+
+/// A game server that floods a player who does not read: Atlas must not
+/// buffer the flood (its writes to the client are one at a time, so the
+/// backend reader stops and the server's socket fills) and, once the
+/// player reads, every frame arrives whole and in order.
+#[test]
+fn a_flooding_server_is_held_back_by_a_client_that_does_not_read() {
+    let _serial = serial();
+    let atlas = Atlas::start(&config(""));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = json!({"name": "flood", "address": format!("127.0.0.1:{port}"), "region_coord": {"x": 0, "y": 0, "z": 0},
+        "center": {"x": 500.0, "y": 500.0, "z": 500.0}, "bounds": 500.0, "capacity": 10});
+    let (status, _) = http_json(api(&atlas), "POST", "/api/v1/servers/register", Some(&body), &[]).unwrap();
+    assert!(status == 200 || status == 201, "register: {status}");
+    const FRAME: usize = 16 * 1024;
+    // The server: handshake, then 16 KiB binary frames (sequence number
+    // first) until a write has been stuck for a second; returns how many
+    // whole frames it wrote.
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let key = head
+            .lines()
+            .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-key")).map(|(_, v)| v.trim().to_string()))
+            .unwrap();
+        write!(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n", game::accept_key(&key))
+            .unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut frames = 0u64;
+        while Instant::now() < deadline {
+            let mut payload = vec![0x5a; FRAME];
+            payload[..8].copy_from_slice(&frames.to_be_bytes());
+            if s.write_all(&game::encode_frame(true, OP_BINARY, &payload, None)).is_err() {
+                return (frames, true, s);
+            }
+            frames += 1;
+        }
+        (frames, false, s)
+    });
+    let (_w, mut r) = raw_client(atlas.addr(), "/play?player_id=sleepy&x=100&y=500&z=500");
+    let (frames, stuck, _keep) = server.join().unwrap();
+    assert!(stuck, "the server wrote {frames} frames for 20 s without ever being held back");
+    // What sits in socket buffers on the way (kernel autotuning can reach a
+    // few MiB per socket) plus a read buffer in Atlas: far below what an
+    // unbounded queue would have taken in.
+    let held = frames * FRAME as u64;
+    assert!(held < 48 << 20, "{} MiB went out before the server was held back", held >> 20);
+    // Now read: every whole frame the server wrote, in order.
+    for want in 0..frames {
+        let f = game::read_frame(&mut r).unwrap_or_else(|e| panic!("frame {want} of {frames}: {e}"));
+        assert_eq!(f.opcode, OP_BINARY);
+        assert_eq!(f.payload.len(), FRAME);
+        assert_eq!(u64::from_be_bytes(f.payload[..8].try_into().unwrap()), want);
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atlas_proxy::io::{give_buf, next_read_buf, read_more, shutdown_fd, take_buf, write_vec, BUF_SIZE};
+use atlas_proxy::io::{give_buf, next_read_buf, read_more, refit_read_buf, shutdown_fd, take_buf, write_vec, BUF_SIZE};
 use local_sync::oneshot;
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
@@ -214,7 +214,7 @@ pub(crate) async fn run_reader(s: Rc<Session>, mut d: Downstream, wait: Option<o
             let tail = out.split_off(last_end.min(out.len()));
             drop(tail);
             take_answers(&mut out, &answers, &d.link);
-            let _ = s.send_client(std::mem::take(&mut out)).await;
+            let _ = s.send_client(&mut out).await;
             break;
         }
         if let Some((start, end)) = close {
@@ -224,7 +224,7 @@ pub(crate) async fn run_reader(s: Rc<Session>, mut d: Downstream, wait: Option<o
             out.truncate(if retiring { start } else { end });
             take_answers(&mut out, &answers, &d.link);
             if !out.is_empty() {
-                let _ = s.send_client(std::mem::take(&mut out)).await;
+                let _ = s.send_client(&mut out).await;
             }
             clean_end = dec.at_message_boundary() || !retiring;
             if !retiring {
@@ -241,11 +241,18 @@ pub(crate) async fn run_reader(s: Rc<Session>, mut d: Downstream, wait: Option<o
         take_answers(&mut out, &answers, &d.link);
         // Whether the client's stream now ends between two frames (a ping may go in).
         s.s2c_boundary.set(dec.at_frame_boundary() || !held.is_empty() || hold_from == last_end);
-        if !out.is_empty() && s.send_client(std::mem::take(&mut out)).await.is_err() {
+        if !out.is_empty() && s.send_client(&mut out).await.is_err() {
             break;
         }
         fed = held.len();
-        out = if held.is_empty() { next_read_buf(last.0, last.1) } else { held };
+        if held.is_empty() {
+            // The written buffer is read into again (or swapped for one
+            // sized for the traffic): no allocation per message.
+            out.clear();
+            refit_read_buf(&mut out, last.0);
+        } else {
+            give_buf(std::mem::replace(&mut out, held));
+        }
     }
     give_buf(out);
     d.link.finished.set(true);

@@ -7,9 +7,9 @@
 //!   forwards the bytes to the current backend as they arrive, reads
 //!   positions from complete text messages on the side, and cuts the
 //!   stream between two messages when a switch is ready;
-//! - the client writer: the only writer of the client socket, fed by a
-//!   bounded queue (backpressure: a slow client stops the backend reader,
-//!   whose server then sees its socket buffer fill);
+//! - no client writer: the backend reader writes its server's bytes to
+//!   the client socket itself, and Atlas's own frames (pings, closes) go
+//!   through a small queue in front of it (`client_out.rs`);
 //! - one backend reader per backend connection (`backend.rs`), chained so
 //!   the old server's last messages reach the client before the new one's;
 //! - short-lived connect tasks for transfers and pre-connects.
@@ -24,6 +24,7 @@
 //! backends and RSV bits are protocol errors.
 
 mod backend;
+mod client_out;
 mod ticker;
 
 use std::cell::{Cell, RefCell};
@@ -37,11 +38,12 @@ use std::time::{Duration, Instant};
 use atlas_proxy::drain::Drain;
 use atlas_proxy::io::{give_buf, read_more, refit_read_buf, shutdown_fd, take_buf, write_range, write_vec, BUF_SIZE};
 use atlas_proxy::ListenerCtx;
-use local_sync::{mpsc, oneshot};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, Split, Splitable};
-use std::future::Future;
+use local_sync::oneshot;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, OwnedWriteHalf, Split, Splitable};
 
 use self::backend::{connect, forwarded_for, hand_off, retire, run_reader, Conn, Upstream};
+use self::client_out::ClientOut;
+pub use self::client_out::IntoClientW;
 use crate::position::{extract, Point};
 use crate::registry::{registry, Player, Server, Settings, TransferEvent};
 use crate::spatial::{self, Motion};
@@ -50,8 +52,6 @@ use crate::token::{self, Token};
 use crate::ws::frame::{apply_mask, encode_header, Chunk, Decoder, Opcode, Sender, TextTap};
 use crate::ws::handshake::{self, ClientHandshake};
 
-/// Chunks queued for the client writer (each up to a read buffer).
-const CLIENT_QUEUE: usize = 8;
 /// Longest text message read for a position (longer ones pass unread).
 pub(crate) const MAX_TAP: usize = 64 * 1024;
 
@@ -100,7 +100,7 @@ pub(crate) struct Session {
     hs: ClientHandshake,
     peer: SocketAddr,
     client_fd: RawFd,
-    out: mpsc::bounded::Tx<Vec<u8>>,
+    out: Rc<ClientOut>,
     /// The current backend's writer; `None` while the client reader writes
     /// to it (`writing`) or after it failed.
     backend: RefCell<Option<Upstream>>,
@@ -144,6 +144,7 @@ impl Drop for Session {
         if let Some(w) = self.warm.get_mut().take() {
             shutdown_fd(w.conn.up.link.fd);
         }
+        self.out.finish();
     }
 }
 
@@ -196,21 +197,16 @@ impl Session {
         self.pinged.set(false);
     }
 
-    /// Queues bytes for the client (waits while the queue is full).
-    async fn send_client(&self, buf: Vec<u8>) -> Result<(), ()> {
-        self.out.send(buf).await.map_err(|_| ())
+    /// Writes bytes to the client (`buf` is kept for reuse); waits while
+    /// another write is in flight.
+    async fn send_client(&self, buf: &mut Vec<u8>) -> Result<(), ()> {
+        self.out.send(buf).await
     }
 
     /// Queues a frame Atlas writes to the client, if it can go in now
     /// (between two frames, queue not full). Never waits.
     fn try_send_client(&self, frame: Vec<u8>) -> bool {
-        if !self.s2c_boundary.get() {
-            return false;
-        }
-        let fut = self.out.send(frame);
-        let mut fut = std::pin::pin!(fut);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        matches!(fut.as_mut().poll(&mut cx), std::task::Poll::Ready(Ok(())))
+        self.s2c_boundary.get() && self.out.push_own(frame)
     }
 
     /// Ends the session with `code`: the client is told, both sides cut.
@@ -761,6 +757,7 @@ async fn join_room(hs: &ClientHandshake, peer: SocketAddr) -> Result<(String, Ar
 pub async fn serve<S>(ctx: Rc<ListenerCtx>, mut client: S, peer: SocketAddr, client_fd: RawFd)
 where
     S: AsyncReadRent + AsyncWriteRent + Split + 'static,
+    OwnedWriteHalf<S>: IntoClientW,
 {
     let _live = Drain::current().connection();
     let w = ctx.worker;
@@ -854,7 +851,6 @@ where
     let st = slot(w);
     st.sessions.add(1);
     st.sessions_total.inc();
-    let (tx, rx) = mpsc::bounded::channel(CLIENT_QUEUE);
     let (cr, cw) = client.into_split();
     let Conn { up, down, .. } = conn;
     let now = Instant::now();
@@ -866,7 +862,7 @@ where
         hs,
         peer,
         client_fd,
-        out: tx,
+        out: ClientOut::new(cw.into_client_w(), client_fd),
         backend: RefCell::new(Some(up)),
         writing: Cell::new(false),
         server: RefCell::new(server),
@@ -901,23 +897,9 @@ where
     }
     let (done_tx, done_rx) = oneshot::channel();
     *s.last_reader.borrow_mut() = Some(done_rx);
-    monoio::spawn(client_writer(cw, rx, client_fd));
     monoio::spawn(run_reader(s.clone(), down, None, done_tx));
     ticker::track(&s);
     client_reader(s, cr, leftover).await;
-}
-
-/// The only writer of the client socket.
-async fn client_writer<W: AsyncWriteRent>(mut w: W, mut rx: mpsc::bounded::Rx<Vec<u8>>, fd: RawFd) {
-    while let Some(mut buf) = rx.recv().await {
-        if let Err(e) = write_vec(&mut w, &mut buf).await {
-            tracing::debug!(error = %e, "client: write failed; closing");
-            shutdown_fd(fd);
-            break;
-        }
-        give_buf(buf);
-    }
-    let _ = w.shutdown().await;
 }
 
 /// Reads the client: forwards its bytes, reads positions, cuts for switches.
