@@ -4,19 +4,23 @@
 1. WebSocket relay: 64-byte binary messages echoed by a WS echo server,
    through Atlas (game mode, one worker) and through nginx's WebSocket
    proxy (one worker), both pinned to CPU 1; load tool and echo server on
-   CPU 0. Interleaved runs; medians of msgs/s and proxy CPU us/msg
-   (utime+stime from /proc/PID/stat over the measured window). Then the
-   same with both proxies capped to CAP% of a core (a cgroup CPU quota,
-   10 ms periods) so the proxy, not the load tool, is the bottleneck:
-   that throughput is the per-core comparison.
+   CPU 0 (both single-threaded io_uring). Two shapes (SHAPES, CONNSxWINDOW):
+   16x64, a few connections each keeping 64 messages in flight (a pipe,
+   many messages per read), and 1000x1, many players each with one message
+   in flight (every message its own read and write). Interleaved runs;
+   medians of msgs/s and proxy CPU us/msg (utime+stime from
+   /proc/PID/stat over the measured window). Then the same with both
+   proxies capped to CAP% of a core (a cgroup CPU quota, 10 ms periods) so
+   the proxy, not the load tool, is the bottleneck.
 2. Transfers: players walk back and forth across a region border with
    numbered messages, each echoed; reports transfers, switch time p50/p99
    (Atlas's histogram, interpolated) and messages lost or out of order.
 3. Idle sessions: SESSIONS idle proxied WebSocket sessions; Atlas's RSS
    growth per session (VmRSS before and after).
 
-Knobs (environment): RUNS=3 SECS=5 CONNS=16 WINDOW=64 SESSIONS=9000
-PLAYERS=20 CROSSINGS=20 CAP=40 (0: skip the capped runs).
+Knobs (environment): RUNS=3 SECS=5 SHAPES=16x64,1000x1 SESSIONS=9000
+PLAYERS=20 CROSSINGS=20 CAP=40 (0: skip the capped runs) ONLY=relay (skip
+transfers and idle sessions).
 """
 import os, re, shutil, subprocess, sys, tempfile, time, statistics, urllib.request
 
@@ -27,7 +31,7 @@ PROCS = None  # bench.Procs, set in main()
 ATLAS = os.environ.get("ATLAS_BIN", os.path.join(ROOT, "target/release/atlas"))
 WSLOAD = os.path.join(ROOT, "target/release/examples/wsload")
 RUNS = int(os.environ.get("RUNS", 3)); SECS = float(os.environ.get("SECS", 5))
-CONNS = int(os.environ.get("CONNS", 16)); WINDOW = int(os.environ.get("WINDOW", 64))
+SHAPES = [tuple(int(x) for x in sh.split("x")) for sh in os.environ.get("SHAPES", "16x64,1000x1").split(",")]
 SESSIONS = int(os.environ.get("SESSIONS", 9000))
 PLAYERS = int(os.environ.get("PLAYERS", 20)); CROSSINGS = int(os.environ.get("CROSSINGS", 20))
 CAP = int(os.environ.get("CAP", 40))
@@ -77,11 +81,11 @@ def cpu_cap(pids, pct):
         return undo
     return None
 
-def relay_table(targets, title):
+def relay_table(targets, title, shape):
     res = {name: [] for name, _, _ in targets}
     for r in range(RUNS):
         for name, port, pid in targets:
-            res[name].append(relay(port, pid))
+            res[name].append(relay(port, pid, shape))
             print(f"  run {r + 1} {name}: {res[name][-1][0]} msgs/s, {res[name][-1][1]:.2f} us/msg", flush=True)
     print(f"\n{title}")
     print(f"{'proxy':8} {'msgs/s':>10} {'CPU us/msg':>11}")
@@ -128,9 +132,10 @@ http {{ access_log off; client_body_temp_path {tmp}/b; proxy_temp_path {tmp}/p; 
 """)
     return path
 
-def relay(port, pid):
+def relay(port, pid, shape):
+    conns, window = shape
     c0 = tree_cpu(pid)
-    out = subprocess.run(["taskset", "-c", "0", WSLOAD, "relay", f"127.0.0.1:{port}", str(CONNS), str(SECS), "64", str(WINDOW)],
+    out = subprocess.run(["taskset", "-c", "0", WSLOAD, "relay", f"127.0.0.1:{port}", str(conns), str(SECS), "64", str(window)],
                          capture_output=True, text=True, timeout=SECS * 3 + 30).stdout
     c1 = tree_cpu(pid)
     m = re.search(r"msgs (\d+) secs ([\d.]+) msgs_per_sec (\d+)", out)
@@ -162,17 +167,21 @@ def main():
             n = PROCS.start_on(1, f"{tmp}/nginx.log", [ng, "-p", tmp, "-c", nginx_conf(tmp, 19220, "127.0.0.1:19210")])
             bench.wait_port(19220)
             targets.append(("nginx", 19220, n.pid))
-        relay_table(targets, f"WebSocket relay, 64-byte messages, {CONNS} connections x window {WINDOW}, {SECS:.0f} s x {RUNS} runs (medians)")
-        if CAP > 0:
-            undo = cpu_cap([pid for _, _, pid in targets], CAP)
-            if undo is None:
-                print("\n(no writable cgroup CPU controller: capped runs skipped)")
-            else:
-                try:
-                    relay_table(targets, f"Same, both proxies capped to {CAP}% of a core (cgroup quota): per-core throughput")
-                finally:
-                    undo()
+        for shape in SHAPES:
+            title = f"WebSocket relay, 64-byte messages, {shape[0]} connections x window {shape[1]}, {SECS:.0f} s x {RUNS} runs (medians)"
+            relay_table(targets, title, shape)
+            if CAP > 0:
+                undo = cpu_cap([pid for _, _, pid in targets], CAP)
+                if undo is None:
+                    print("\n(no writable cgroup CPU controller: capped runs skipped)")
+                else:
+                    try:
+                        relay_table(targets, f"Same, both proxies capped to {CAP}% of a core (cgroup quota)", shape)
+                    finally:
+                        undo()
 
+        if os.environ.get("ONLY") == "relay":
+            return
         # Transfers.
         for label, extra in (("prediction off", None), ("prediction on (500ms)", "predict")):
             if extra:

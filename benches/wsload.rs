@@ -4,16 +4,20 @@
 //!   wsload echo   LISTEN [API NAME CX]   WS echo server; registers at API as a
 //!                                         Horizon server for cell (CX,0,0) of 1000 units
 //!   wsload relay  TARGET CONNS SECS SIZE WINDOW   echo round trips; prints msgs/s
+//!                                         (each connection sends WINDOW messages in
+//!                                         one write, then waits for all of them)
 //!   wsload idle   TARGET CONNS HOLD_SECS  opens CONNS idle sessions and holds them
 //!   wsload walk   TARGET PLAYERS CROSSINGS  players walk across the border at
 //!                                         x=1000 and back; checks every message is
 //!                                         echoed exactly once, in order
 //!
-//! Only std: blocking sockets, a thread per connection (idle: one thread).
+//! `echo` and `relay` run on one monoio (io_uring) thread each, so that the
+//! load side stays cheap with thousands of connections and the proxy is what
+//! gets measured; `idle` and `walk` use blocking std sockets.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -107,39 +111,87 @@ fn connect(target: SocketAddr, path: &str) -> std::io::Result<(TcpStream, Vec<u8
     Ok((s, rest))
 }
 
-fn echo_conn(mut s: TcpStream) {
-    let _ = s.set_nodelay(true);
-    let Ok((head, mut buf)) = read_head(&mut s) else { return };
+/// An io_uring runtime with COOP_TASKRUN, as Atlas's workers use: without
+/// it every completion the proxy causes here costs the proxy's CPU an IPI,
+/// which would be charged to the proxy under test.
+fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>> {
+    let mut tuned = io_uring::IoUring::builder();
+    tuned.setup_coop_taskrun().setup_single_issuer();
+    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().uring_builder(tuned).with_entries(4096).enable_timer().build().expect("io_uring runtime")
+}
+
+/// Reads into `buf` (appending) and returns it with the byte count.
+async fn read_more(s: &mut monoio::net::TcpStream, buf: Vec<u8>) -> (std::io::Result<usize>, Vec<u8>) {
+    use monoio::buf::IoBufMut;
+    use monoio::io::AsyncReadRent;
+    let mut buf = buf;
+    if buf.capacity() - buf.len() < 16 * 1024 {
+        buf.reserve(64 * 1024);
+    }
+    let len = buf.len();
+    let (r, slice) = s.read(buf.slice_mut(len..)).await;
+    (r, slice.into_inner())
+}
+
+/// Server side of the handshake on a monoio stream; returns what followed it.
+async fn accept_ws(s: &mut monoio::net::TcpStream) -> Option<Vec<u8>> {
+    use monoio::io::AsyncWriteRentExt;
+    let mut buf = Vec::with_capacity(4096);
+    let p = loop {
+        let (r, b) = read_more(s, buf).await;
+        buf = b;
+        if !matches!(r, Ok(n) if n > 0) {
+            return None;
+        }
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+    };
+    let rest = buf.split_off(p + 4);
+    let head = String::from_utf8_lossy(&buf).into_owned();
     let key =
         head.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ").or_else(|| l.strip_prefix("sec-websocket-key: "))).unwrap_or("").trim().to_string();
-    let accept = accept_key(&key);
-    let resp = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
-    if s.write_all(resp.as_bytes()).is_err() {
-        return;
-    }
-    let mut tmp = vec![0u8; 64 * 1024];
+    let resp = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n", accept_key(&key));
+    let (r, _) = s.write_all(resp.into_bytes()).await;
+    r.ok().map(|_| rest)
+}
+
+async fn echo_conn(mut s: monoio::net::TcpStream) {
+    use monoio::io::AsyncWriteRentExt;
+    let _ = s.set_nodelay(true);
+    let Some(mut buf) = accept_ws(&mut s).await else { return };
+    let mut out = Vec::with_capacity(64 * 1024);
     loop {
         let (fs, used) = frames(&buf);
         buf.drain(..used);
-        let mut out = Vec::new();
+        let mut close = false;
         for (op, p) in fs {
             match op {
                 1 | 2 => out.extend(frame(op, &p, false)),
                 9 => out.extend(frame(10, &p, false)),
                 8 => {
                     out.extend(frame(8, &p, false));
-                    let _ = s.write_all(&out);
-                    return;
+                    close = true;
+                    break;
                 }
                 _ => {}
             }
         }
-        if !out.is_empty() && s.write_all(&out).is_err() {
+        if !out.is_empty() {
+            let (r, b) = s.write_all(out).await;
+            out = b;
+            out.clear();
+            if r.is_err() {
+                return;
+            }
+        }
+        if close {
             return;
         }
-        match s.read(&mut tmp) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        let (r, b) = read_more(&mut s, buf).await;
+        buf = b;
+        if !matches!(r, Ok(n) if n > 0) {
+            return;
         }
     }
 }
@@ -234,58 +286,112 @@ fn echo(args: &[String]) {
         });
     }
     println!("echo listening on {addr}");
-    for s in l.incoming().flatten() {
-        std::thread::spawn(move || echo_conn(s));
+    l.set_nonblocking(true).expect("nonblocking");
+    let mut rt = runtime();
+    rt.block_on(async move {
+        let l = monoio::net::TcpListener::from_std(l).expect("listener");
+        loop {
+            if let Ok((s, _)) = l.accept().await {
+                monoio::spawn(echo_conn(s));
+            }
+        }
+    });
+}
+
+/// Length of the first whole unmasked frame in `b`, if there is one.
+fn whole_frame(b: &[u8]) -> Option<usize> {
+    if b.len() < 2 {
+        return None;
+    }
+    let (len, h) = match b[1] & 0x7f {
+        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+        127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize, 10),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    (b.len() >= h + len).then_some(h + len)
+}
+
+/// Client side of the handshake on a monoio stream; returns what followed it.
+async fn connect_ws(target: SocketAddr, path: &str) -> std::io::Result<(monoio::net::TcpStream, Vec<u8>)> {
+    use monoio::io::AsyncWriteRentExt;
+    let mut s = monoio::net::TcpStream::connect(target).await?;
+    s.set_nodelay(true)?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    s.write_all(req.into_bytes()).await.0?;
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        let (r, b) = read_more(&mut s, buf).await;
+        buf = b;
+        if r? == 0 {
+            return Err(std::io::Error::other("closed during handshake"));
+        }
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if !buf.starts_with(b"HTTP/1.1 101") {
+                return Err(std::io::Error::other("handshake refused"));
+            }
+            return Ok((s, buf.split_off(p + 4)));
+        }
     }
 }
 
 fn relay(args: &[String]) {
+    use std::cell::Cell;
+    use std::rc::Rc;
     let target: SocketAddr = args[0].parse().expect("target");
     let conns: usize = args[1].parse().unwrap();
     let secs: f64 = args[2].parse().unwrap();
     let size: usize = args[3].parse().unwrap();
     let window: usize = args[4].parse().unwrap();
-    let total = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let hs: Vec<_> = (0..conns)
-        .map(|i| {
-            let (total, stop) = (total.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let (mut s, mut buf) = connect(target, &format!("/bench?player_id=b{i}")).expect("connect");
-                let payload = vec![b'x'; size];
-                let batch: Vec<u8> = (0..window).flat_map(|_| frame(2, &payload, true)).collect();
-                let mut tmp = vec![0u8; 256 * 1024];
-                while !stop.load(Ordering::Relaxed) {
-                    s.write_all(&batch).expect("send");
+    let mut rt = runtime();
+    rt.block_on(async move {
+        let total = Rc::new(Cell::new(0u64));
+        let stop = Rc::new(Cell::new(false));
+        let payload = vec![b'x'; size];
+        let batch: Rc<Vec<u8>> = Rc::new((0..window).flat_map(|_| frame(2, &payload, true)).collect());
+        let mut tasks = Vec::new();
+        for i in 0..conns {
+            let (total, stop, batch) = (total.clone(), stop.clone(), batch.clone());
+            tasks.push(monoio::spawn(async move {
+                use monoio::io::AsyncWriteRentExt;
+                let (mut s, mut buf) = connect_ws(target, &format!("/bench?player_id=b{i}")).await.expect("connect");
+                let mut out = Vec::with_capacity(batch.len());
+                while !stop.get() {
+                    out.clear();
+                    out.extend_from_slice(&batch);
+                    let (r, b) = s.write_all(out).await;
+                    out = b;
+                    r.expect("send");
                     let mut got = 0;
+                    let mut at = 0;
                     while got < window {
-                        let (fs, used) = frames(&buf);
-                        buf.drain(..used);
-                        got += fs.len();
+                        while let Some(n) = whole_frame(&buf[at..]) {
+                            at += n;
+                            got += 1;
+                        }
                         if got >= window {
                             break;
                         }
-                        let n = s.read(&mut tmp).expect("recv");
-                        assert!(n > 0, "closed");
-                        buf.extend_from_slice(&tmp[..n]);
+                        buf.drain(..at);
+                        at = 0;
+                        let (r, b) = read_more(&mut s, buf).await;
+                        buf = b;
+                        assert!(r.expect("recv") > 0, "closed");
                     }
-                    total.fetch_add(got as u64, Ordering::Relaxed);
+                    buf.drain(..at);
+                    total.set(total.get() + got as u64);
                 }
-            })
-        })
-        .collect();
-    // Warm-up then measure.
-    std::thread::sleep(Duration::from_secs_f64(secs * 0.1));
-    let (t0, n0) = (Instant::now(), total.load(Ordering::Relaxed));
-    std::thread::sleep(Duration::from_secs_f64(secs));
-    let (t1, n1) = (Instant::now(), total.load(Ordering::Relaxed));
-    stop.store(true, Ordering::Relaxed);
-    for h in hs {
-        let _ = h.join();
-    }
-    let _ = start;
-    println!("msgs {} secs {:.3} msgs_per_sec {:.0}", n1 - n0, (t1 - t0).as_secs_f64(), (n1 - n0) as f64 / (t1 - t0).as_secs_f64());
+            }));
+        }
+        // Warm-up then measure.
+        monoio::time::sleep(Duration::from_secs_f64(secs * 0.1)).await;
+        let (t0, n0) = (Instant::now(), total.get());
+        monoio::time::sleep(Duration::from_secs_f64(secs)).await;
+        let (t1, n1) = (Instant::now(), total.get());
+        stop.set(true);
+        println!("msgs {} secs {:.3} msgs_per_sec {:.0}", n1 - n0, (t1 - t0).as_secs_f64(), (n1 - n0) as f64 / (t1 - t0).as_secs_f64());
+        std::process::exit(0);
+    });
 }
 
 fn idle(args: &[String]) {
