@@ -294,6 +294,10 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
     atlas_runtime::health::spawn(current.clone());
     admin.ready.store(true, Ordering::Relaxed);
     // Serving now: let the previous process go, then offer our sockets to the next.
+    if session.is_some() {
+        // Its firehose clients will come back here with their ids.
+        atlas_game::firehose::expect_handoff(Duration::from_secs(15));
+    }
     let offered = match session {
         Some(session) => session.finish(offer).map(|()| tracing::info!("takeover: complete; the previous Atlas is draining")),
         None => atlas_runtime::takeover::serve(&takeover_path, offer),
@@ -355,12 +359,14 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
         }
         if let Some(since) = draining {
             if workers.handles.iter().all(|h| h.is_finished()) {
+                atlas_game::firehose::wait_saved(Duration::from_secs(3));
                 tracing::info!(took = ?since.elapsed(), "drained; exiting");
                 atlas_observe::access_log::wait_written(Duration::from_secs(2));
                 return Ok(ExitCode::SUCCESS);
             }
             if since.elapsed() >= current.load().cfg.drain_timeout {
                 tracing::warn!("drain timeout reached: exiting with connections still open");
+                atlas_game::firehose::wait_saved(Duration::from_secs(3));
                 atlas_observe::access_log::wait_written(Duration::from_secs(2));
                 return Ok(ExitCode::SUCCESS);
             }

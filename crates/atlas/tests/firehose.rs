@@ -6,7 +6,8 @@
 //! challenge (missed packets in order, same id, the opt-in notices), expiry,
 //! wrong answers, the missed-packet buffer and its overflow, the stale limit,
 //! kicks; the master link (redial after a close or an outage, failover and
-//! balancing over two masters, malformed master frames); the persisted key;
+//! balancing over two masters, malformed master frames); the persisted key
+//! and clients reconnecting across a restart or a takeover;
 //! malformed client input; WebSocket clients; the defences (handshake
 //! timeout, per-IP connect rate, per-client frame rate); the connserver
 //! environment variables and `--master/--listen`.
@@ -597,7 +598,7 @@ fn hash_balance_spreads_clients_and_keeps_each_on_one_master() {
 }
 
 // ---------------------------------------------------------------------------
-// 9. The key survives restarts
+// 9. The key and the clients survive restarts and takeovers
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -621,6 +622,102 @@ fn the_key_file_is_created_0600_and_keeps_the_pubkey_across_restarts() {
     assert_eq!(mode_of(&key), 0o600, "mode of the key file after the restart");
     let other = start(&[&master], "");
     assert_ne!(connect(other.addr()).atlas_key, k1, "another key_file gave the same PubKey");
+}
+
+/// A client that left (three packets missed since) and one still connected
+/// when Atlas stops; the next Atlas (a restart, or a takeover when
+/// `takeover`) on the same port and key lets both reconnect under their
+/// ids, the first getting its missed packets in order.
+fn clients_survive_a_handover(takeover: bool) {
+    let master = TestMaster::start();
+    let dir = TempDir::new();
+    let key = dir.join("firehose.key");
+    let table = dir.join("firehose.key.clients");
+    let addr = free_addr();
+    let cfg = config(&[master.addr()], &key, "missed_packets_buffer_size = 16\n").replace("127.0.0.1:0", &addr.to_string());
+    let mut first = Atlas::start(&cfg);
+    assert!(master.wait_accepts(1, T), "Atlas did not dial the master");
+    let mut away = connect(addr);
+    let mut live = connect(addr);
+    round_trip(&master, &mut away, "before");
+    round_trip(&master, &mut live, "before");
+    let (away_id, live_id) = (away.identity(), live.identity());
+    drop(away);
+    thread::sleep(SETTLE);
+    for i in 0..3 {
+        master.send_data(away_id.id, format!("missed {i}").as_bytes());
+    }
+    thread::sleep(SETTLE);
+    let second = if takeover {
+        let next = Atlas::start_takeover(&first, &cfg, 1);
+        assert!(live.is_closed(T), "the old Atlas kept its client after the takeover");
+        assert!(first.wait_exit(Duration::from_secs(10)).is_some(), "the old Atlas did not exit after the takeover");
+        next
+    } else {
+        first.signal("TERM");
+        assert!(first.wait_exit(Duration::from_secs(10)).is_some(), "Atlas did not exit within 10 s of SIGTERM");
+        assert!(live.is_closed(T), "the client was not closed by the drain");
+        assert!(table.exists(), "no client table at {} after the drain; {}", table.display(), first.logs());
+        assert_eq!(mode_of(&table), 0o600, "mode of the client table");
+        Atlas::start(&cfg)
+    };
+    let mut back = resume(addr, &away_id, "after the hand-over");
+    for i in 0..3 {
+        expect_recv(&mut back, format!("missed {i}").as_bytes(), &format!("missed packet {i} after the hand-over"));
+    }
+    let mut again = resume(addr, &live_id, "after the hand-over (it was connected)");
+    round_trip(&master, &mut back, "after");
+    round_trip(&master, &mut again, "after");
+    assert!(wait_for(T, || !table.exists()), "the client table {} was not removed once imported", table.display());
+    let failures = master.filter(|p| p.flag == FLAG_FAILURE);
+    assert!(failures.is_empty(), "the master was told clients are gone; {}", show_packets(&failures));
+    drop(second);
+}
+
+#[test]
+fn clients_reconnect_after_a_restart_with_their_ids_and_missed_packets() {
+    clients_survive_a_handover(false);
+}
+
+#[test]
+fn clients_reconnect_after_a_takeover_with_their_ids_and_missed_packets() {
+    clients_survive_a_handover(true);
+}
+
+#[test]
+fn a_client_whose_stale_timeout_ran_out_while_atlas_was_down_is_refused_and_failed() {
+    let master = TestMaster::start();
+    let dir = TempDir::new();
+    let addr = free_addr();
+    let cfg = config(&[master.addr()], &dir.join("firehose.key"), "stale_timeout_secs = 1\nmissed_packets_buffer_size = 16\n")
+        .replace("127.0.0.1:0", &addr.to_string());
+    let mut first = Atlas::start(&cfg);
+    assert!(master.wait_accepts(1, T), "Atlas did not dial the master");
+    let c = connect(addr);
+    let who = c.identity();
+    drop(c);
+    thread::sleep(SETTLE);
+    first.signal("TERM");
+    assert!(first.wait_exit(Duration::from_secs(10)).is_some(), "Atlas did not exit within 10 s of SIGTERM");
+    thread::sleep(Duration::from_millis(1200));
+    let _second = Atlas::start(&cfg);
+    assert_reconnect_refused(addr, &who, "its stale timeout ran out while no Atlas ran");
+    let p = expect_flag(&master, who.id, FLAG_FAILURE, "failure notice for the expired client");
+    assert!(String::from_utf8_lossy(&p.data).contains("stale timeout"), "failure reason: {p}");
+}
+
+/// A damaged client table is reported and skipped; Atlas serves anyway.
+#[test]
+fn a_damaged_client_table_is_skipped_with_a_warning() {
+    let master = TestMaster::start();
+    let dir = TempDir::new();
+    let key = dir.join("firehose.key");
+    std::fs::write(dir.join("firehose.key.clients"), b"ATLAS-FH-CLIENTS 1\n\x01\x02").unwrap();
+    let fh = Atlas::start(&config(&[master.addr()], &key, ""));
+    assert!(fh.wait_log("client table is unreadable", 1, T), "no warning about the damaged table; {}", fh.logs());
+    let mut c = connect(fh.addr());
+    assert!(master.wait_accepts(1, T));
+    round_trip(&master, &mut c, "with a damaged table");
 }
 
 // ---------------------------------------------------------------------------

@@ -372,6 +372,11 @@ async fn handshake<S: AsyncReadRent + AsyncWriteRent>(
                 hub.stats.reconnects_refused.fetch_add(1, Ordering::Relaxed);
                 format!("reconnect as {id} refused: {why}")
             };
+            // Just after a takeover the previous Atlas' clients are not
+            // known yet: wait (briefly) for its table.
+            while hub.stale_key(id).is_err() && hub.awaiting_handoff() && !lock(&hub.table).clients.contains_key(&id) {
+                monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
             let key = hub.stale_key(id).map_err(refused)?;
             let public = crypto::parse_public(&key).ok_or_else(|| refused("stored key unreadable"))?;
             let shared = hub.key.shared_key(&public);

@@ -171,8 +171,24 @@ pub struct Table {
     pub clients: HashMap<u64, Entry>,
     /// (id, when it went stale), oldest first; entries that came back or
     /// were removed are skipped when met.
-    stale: VecDeque<(u64, Instant)>,
+    pub(super) stale: VecDeque<(u64, Instant)>,
     pub nstale: usize,
+}
+
+impl Table {
+    /// Drops the oldest stale clients while there are more than `max`;
+    /// returns them, to be failed with the reason given.
+    pub(super) fn evict_over(&mut self, max: usize) -> Vec<(u64, &'static str)> {
+        let mut gone = Vec::new();
+        while self.nstale > max {
+            let Some((old, since)) = self.stale.pop_front() else { break };
+            if matches!(self.clients.get(&old), Some(Entry { state: State::Stale { since: s, .. }, .. }) if *s == since) {
+                self.nstale -= 1;
+                gone.push((old, "stale client limit (max_stale_clients) reached: the oldest stale client was dropped"));
+            }
+        }
+        gone
+    }
 }
 
 /// Counters for `/metrics`.
@@ -198,6 +214,14 @@ pub struct Hub {
     next_id: AtomicU64,
     pub connects: crate::rooms::Limiter,
     pub stats: Stats,
+    /// The clients were written out for the next Atlas (`persist.rs`):
+    /// master packets are no longer taken, nothing is reaped.
+    pub handed_off: AtomicBool,
+    /// The hand-over is complete (the table is written, or there was none).
+    pub saved: AtomicBool,
+    /// Until when a reconnect for an unknown id waits for the previous
+    /// Atlas' table (set after a takeover; cleared by the import).
+    pub awaiting: Mutex<Option<Instant>>,
 }
 
 impl Hub {
@@ -225,6 +249,9 @@ impl Hub {
             next_id: AtomicU64::new(base),
             connects: crate::rooms::Limiter::new(),
             stats: Stats::default(),
+            handed_off: AtomicBool::new(false),
+            saved: AtomicBool::new(false),
+            awaiting: Mutex::new(None),
         })
     }
 
@@ -242,7 +269,7 @@ impl Hub {
     }
 
     /// The master for a new client.
-    fn assign(&self, id: u64, s: &Firehose) -> usize {
+    pub(super) fn assign(&self, id: u64, s: &Firehose) -> usize {
         let n = self.links.len().max(1);
         let up = |i: usize| self.links.get(i).is_some_and(|l| l.up.load(Ordering::Relaxed));
         match s.balance {
@@ -280,6 +307,9 @@ impl Hub {
 
     /// The public key of stale client `id`, or why it cannot reconnect.
     pub fn stale_key(&self, id: u64) -> Result<Vec<u8>, &'static str> {
+        if self.handed_off.load(Ordering::Relaxed) {
+            return Err("this Atlas handed its clients over to the next one");
+        }
         match lock(&self.table).clients.get(&id) {
             Some(Entry { state: State::Stale { .. }, pubkey, .. }) => Ok(pubkey.clone()),
             Some(_) => Err("that client is still connected"),
@@ -328,13 +358,7 @@ impl Hub {
                 t.nstale += 1;
                 t.stale.push_back((id, now));
                 // Over the bound: the oldest stale clients go.
-                while t.nstale > s.max_stale_clients {
-                    let Some((old, since)) = t.stale.pop_front() else { break };
-                    if matches!(t.clients.get(&old), Some(Entry { state: State::Stale { since: s, .. }, .. }) if *s == since) {
-                        t.nstale -= 1;
-                        failed.push((old, "stale client limit (max_stale_clients) reached: the oldest stale client was dropped"));
-                    }
-                }
+                failed.extend(t.evict_over(s.max_stale_clients));
             }
         }
         if s.notices.disconnect {
@@ -378,6 +402,9 @@ impl Hub {
 
     /// Fails the stale clients older than `stale_timeout_secs`.
     pub fn reap(&self, now: Instant) {
+        if self.handed_off.load(Ordering::Relaxed) {
+            return;
+        }
         let timeout = self.settings.load().stale_timeout;
         let mut expired = Vec::new();
         {
@@ -401,6 +428,13 @@ impl Hub {
     /// clients' workers, buffering for stale ones; failures (unknown id,
     /// buffering off or full) go back to the master as 0x01.
     pub fn deliver(&self, link: &Link, packets: &mut Vec<(u64, u8, Vec<u8>)>) {
+        if self.handed_off.load(Ordering::Relaxed) {
+            // The clients are the next Atlas' now: failing them here would
+            // make their master forget them.
+            tracing::debug!(packets = packets.len(), master = %link.addr, "firehose: master packets after the hand-over dropped");
+            packets.clear();
+            return;
+        }
         let s = self.settings.load();
         let mut per_worker: HashMap<usize, Vec<Delivery>> = HashMap::new();
         let mut failures: Vec<(u64, &'static str)> = Vec::new();

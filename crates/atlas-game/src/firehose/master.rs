@@ -1,7 +1,8 @@
 //! The `atlas-firehose` thread: one monoio runtime that dials every master
 //! (redialling with backoff, 100 ms doubling to 5 s), writes each link's
 //! outbox as it fills, reads the masters' packets and hands them to the
-//! workers, and reaps stale clients.
+//! workers, and reaps stale clients. When the process drains it hands the
+//! client table to the next Atlas (`persist.rs`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,7 +12,8 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 
-use super::hub::{lock, Hub, Link};
+use super::hub::{lock, Hub, Link, State};
+use super::persist;
 use super::wire::{self, FLAG_DATA, FLAG_KICK, FLAG_RECONNECT};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -34,6 +36,7 @@ pub fn spawn(hub: Arc<Hub>) -> std::io::Result<()> {
             for link in &hub.links {
                 monoio::spawn(run_link(hub.clone(), link.clone()));
             }
+            monoio::spawn(hand_over(hub.clone()));
             reaper(hub).await;
         });
     })?;
@@ -46,6 +49,35 @@ async fn reaper(hub: Arc<Hub>) {
         monoio::time::sleep(every).await;
         hub.reap(Instant::now());
     }
+}
+
+/// After a takeover, imports the previous Atlas' client table as soon as it
+/// appears. When this process drains: waits for the workers to close their
+/// clients (they go stale; up to 1 s) and for the packets the masters had
+/// in flight (100 ms), then writes the table for the next Atlas.
+async fn hand_over(hub: Arc<Hub>) {
+    let path = persist::path_for(&hub.settings.load().key_file);
+    while !atlas_proxy::drain::process_drain_requested() {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+        if hub.awaiting_handoff() {
+            hub.import_file(&path);
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until && lock(&hub.table).clients.values().any(|e| matches!(e.state, State::Live { .. })) {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    monoio::time::sleep(Duration::from_millis(100)).await;
+    let clients = hub.export();
+    if !clients.is_empty() {
+        match persist::save(&path, &clients) {
+            Ok(()) => tracing::info!(clients = clients.len(), path = %path.display(), "firehose: client table written for the next Atlas"),
+            Err(e) => {
+                tracing::error!(error = %e, path = %path.display(), "internal: cannot write the firehose client table; its clients cannot reconnect to the next Atlas")
+            }
+        }
+    }
+    hub.saved.store(true, Ordering::SeqCst);
 }
 
 /// Dials, serves and redials one master for ever.

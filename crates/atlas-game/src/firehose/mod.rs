@@ -10,14 +10,18 @@
 //! - `hub`: the client table, master outboxes, worker mailboxes.
 //! - `master`: the `atlas-firehose` thread (master links, stale reaper).
 //! - `client`: a client connection on a worker, and the worker's dispatcher.
+//! - `persist`: the client table handed to the next Atlas (restart, takeover).
 
 pub mod client;
 pub mod crypto;
 pub mod hub;
 pub mod master;
+pub mod persist;
 pub mod wire;
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use atlas_config::{Config, Mode};
 
@@ -40,7 +44,10 @@ pub fn start(cfg: &Config) -> Result<(), String> {
     let f = cfg.firehose.clone();
     let key = crypto::ServerKey::load_or_create(&f.key_file).map_err(|e| format!("config: [firehose] key_file: {e}"))?;
     let masters = f.masters.join(", ");
+    let table = persist::path_for(&f.key_file);
     let hub = Arc::new(Hub::new(f, key).map_err(|e| format!("internal: firehose doorbells: {e}"))?);
+    // A restart: the previous Atlas left its clients here.
+    hub.import_file(&table);
     master::spawn(hub.clone()).map_err(|e| format!("internal: cannot start the firehose thread: {e}"))?;
     tracing::info!(masters = %masters, "firehose: started");
     let _ = HUB.set(hub);
@@ -61,5 +68,24 @@ pub fn configure(cfg: &Config) {
         h.settings.store(Arc::new(f));
     } else if let Err(e) = start(cfg) {
         tracing::error!(error = %e, "firehose: cannot start");
+    }
+}
+
+/// This process took the sockets over from a running Atlas, which is
+/// about to drain: for `window`, a reconnect naming an id not known here
+/// waits for that Atlas' client table (see `persist`).
+pub fn expect_handoff(window: Duration) {
+    if let Some(h) = hub() {
+        *hub::lock(&h.awaiting) = Some(Instant::now() + window);
+    }
+}
+
+/// Waits (at most `max`) until a draining firehose has written its client
+/// table, so the process does not exit before the next Atlas can have it.
+pub fn wait_saved(max: Duration) {
+    let Some(h) = hub() else { return };
+    let until = Instant::now() + max;
+    while !h.saved.load(Ordering::SeqCst) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
