@@ -1,4 +1,5 @@
-//! Firehose decoding (frames, bincode control messages, master packets):
+//! Firehose decoding (frames, bincode control messages, master packets,
+//! the client table handed to the next Atlas):
 //! never panics, bounded lengths, decoded values re-encode consistently.
 #![no_main]
 use atlas_game::fuzzing::check_firehose;

@@ -50,8 +50,13 @@ pub fn check_frames(data: &[u8]) {
 /// Firehose decoding (client frames, control messages, master packets):
 /// never panics; a decoded control message re-encodes to a message that
 /// decodes the same; frame lengths are bounded whatever the prefix says;
-/// a master packet shorter than 9 bytes is an error, not a crash.
+/// a master packet shorter than 9 bytes is an error, not a crash; a client
+/// table left for the next Atlas (`persist`) parses only when it
+/// re-encodes to the same bytes.
 pub fn check_firehose(data: &[u8]) {
+    if let Ok((clients, at)) = crate::firehose::persist::decode(data) {
+        assert_eq!(crate::firehose::persist::encode(&clients, at), data, "a client table re-encodes to its bytes");
+    }
     use crate::firehose::wire::{decode_control, encode_control, next_frame, parse_tagged, push_tagged};
     if let Ok(c) = decode_control(data) {
         let again = encode_control(&c);

@@ -298,6 +298,9 @@ mod tests {
         let (back, when) = decode(&encode(&sample(), at)).unwrap();
         assert_eq!(back, sample());
         assert_eq!(when, at);
+        // The fuzz seed is such a table.
+        let seed = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/seeds/firehose/client-table")).unwrap();
+        assert_eq!(decode(&seed).unwrap().0, sample());
     }
 
     #[test]
