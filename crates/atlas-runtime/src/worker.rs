@@ -188,6 +188,8 @@ async fn worker_main(w: usize, current: Current, sockets: Vec<(usize, StdListene
             }
         }
     }
+    // Worker 0 runs the firehose's master links (when there is a firehose).
+    atlas_game::firehose::master::on_worker_start(w);
     let mut version = gen.version;
     let mut last_sweep = Instant::now();
     loop {

@@ -720,6 +720,28 @@ fn a_damaged_client_table_is_skipped_with_a_warning() {
     round_trip(&master, &mut c, "with a damaged table");
 }
 
+/// Master links run on worker 0 for literal addresses and on a thread of
+/// their own for a host name (its DNS lookup must not stall a worker):
+/// both carry clients of every worker.
+#[test]
+fn master_links_by_address_or_host_name_serve_clients_of_every_worker() {
+    for (host, workers) in [("127.0.0.1", 2), ("localhost", 2), ("localhost", 1)] {
+        let master = TestMaster::start();
+        let dir = TempDir::new();
+        let cfg = config(&[master.addr()], &dir.join("firehose.key"), "")
+            .replace(&format!("\"{}\"", master.addr()), &format!("\"{host}:{}\"", master.port()))
+            .replace("mode = \"firehose\"\n", &format!("mode = \"firehose\"\nworkers = {workers}\n"));
+        let fh = Atlas::start(&cfg);
+        assert!(master.wait_accepts(1, T), "{host}: Atlas did not dial the master; {}", fh.logs());
+        // Enough clients that each worker has some (SO_REUSEPORT spreads them).
+        let mut clients: Vec<FirehoseClient> = (0..16).map(|_| connect(fh.addr())).collect();
+        for c in &mut clients {
+            round_trip(&master, c, host);
+        }
+        assert_eq!(master.accepts(), 1, "{host}: one link per master, whatever the workers");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 10. Malformed input
 // ---------------------------------------------------------------------------

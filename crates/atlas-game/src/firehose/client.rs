@@ -3,7 +3,7 @@
 //! handshake or the reconnect challenge (spec §3), then the reader, which
 //! tags client frames straight into the master link's outbox, and the
 //! writer, which drains the client's queue. Also the worker's dispatcher,
-//! which takes the packets the firehose thread left in this worker's
+//! which takes the packets the master links left in this worker's
 //! mailbox and hands them to the clients' queues.
 
 use std::cell::{Cell, RefCell};

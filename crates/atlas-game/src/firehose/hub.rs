@@ -1,11 +1,12 @@
-//! The firehose's shared state and its own thread.
+//! The firehose's shared state.
 //!
 //! Clients live on the per-core workers (whichever accepted them); each
-//! master link is ONE TCP stream, owned by the `atlas-firehose` thread, so
-//! a v2 master sees exactly what connserver gave it: one connection. (Per
-//! worker links would give a master one stream per core, which v2 masters
-//! do not expect, and a reconnecting client usually lands on another
-//! worker than the one its id was tagged on.)
+//! master link is ONE TCP stream, owned by worker 0 (or by the
+//! `atlas-firehose` thread, see `master.rs`), so a v2 master sees exactly
+//! what connserver gave it: one connection. (Per worker links would give a
+//! master one stream per core, which v2 masters do not expect, and a
+//! reconnecting client usually lands on another worker than the one its id
+//! was tagged on.)
 //!
 //! Crossing threads:
 //! - client -> master: a worker appends tagged frames straight into the
@@ -136,7 +137,7 @@ impl Link {
 // Worker mailboxes
 // ---------------------------------------------------------------------------
 
-/// What the firehose thread hands a worker.
+/// What a master link hands a worker.
 pub enum Delivery {
     /// A master packet for a live client.
     Data(u64, Vec<u8>),

@@ -1,8 +1,17 @@
-//! The `atlas-firehose` thread: one monoio runtime that dials every master
-//! (redialling with backoff, 100 ms doubling to 5 s), writes each link's
-//! outbox as it fills, reads the masters' packets and hands them to the
-//! workers, and reaps stale clients. When the process drains it hands the
-//! client table to the next Atlas (`persist.rs`).
+//! The master links: one TCP stream per master, dialled (and redialled
+//! with backoff, 100 ms doubling to 5 s), whose outbox is written as it
+//! fills and whose packets are read and handed to the workers; plus the
+//! stale-client reaper and the hand-over of the client table to the next
+//! Atlas (`persist.rs`).
+//!
+//! Where they run: on worker 0, when every master address is a literal
+//! `ip:port`. A frame from a client of that worker then reaches the link
+//! with no thread switch; with one worker that is every frame, and it cut
+//! Atlas' CPU per frame by about 15 % against a thread of their own
+//! (`benches/RESULTS.md`). A master named by host name needs a blocking
+//! DNS lookup at each dial, which must not stall a worker: those links run
+//! on their own thread, `atlas-firehose`, as do links started by a reload
+//! after the workers (the firehose was just added to the config).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,8 +30,53 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Master bytes read per call.
 const READ_SIZE: usize = 256 * 1024;
 
-/// Starts the thread.
+/// Whether worker 0 has started, and links waiting for it to.
+struct Place {
+    worker0: bool,
+    pending: Option<Arc<Hub>>,
+}
+
+static PLACE: std::sync::Mutex<Place> = std::sync::Mutex::new(Place { worker0: false, pending: None });
+
+/// Starts the links: on worker 0 when it can take them (see the module
+/// header), else on their own thread.
 pub fn spawn(hub: Arc<Hub>) -> std::io::Result<()> {
+    if hub.links.iter().all(|l| l.addr.parse::<std::net::SocketAddr>().is_ok()) {
+        let mut p = lock(&PLACE);
+        if !p.worker0 {
+            p.pending = Some(hub);
+            return Ok(());
+        }
+    }
+    spawn_thread(hub)
+}
+
+/// Called by every worker as it starts: worker 0 takes the links.
+pub fn on_worker_start(w: usize) {
+    if w != 0 {
+        return;
+    }
+    let hub = {
+        let mut p = lock(&PLACE);
+        p.worker0 = true;
+        p.pending.take()
+    };
+    if let Some(hub) = hub {
+        tracing::debug!("firehose: master links run on worker 0");
+        run_here(hub);
+    }
+}
+
+/// Spawns the links, the hand-over and the reaper on this thread's runtime.
+fn run_here(hub: Arc<Hub>) {
+    for link in &hub.links {
+        monoio::spawn(run_link(hub.clone(), link.clone()));
+    }
+    monoio::spawn(hand_over(hub.clone()));
+    monoio::spawn(reaper(hub));
+}
+
+fn spawn_thread(hub: Arc<Hub>) -> std::io::Result<()> {
     std::thread::Builder::new().name("atlas-firehose".into()).spawn(move || {
         let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build();
         let mut rt = match rt {
@@ -33,11 +87,8 @@ pub fn spawn(hub: Arc<Hub>) -> std::io::Result<()> {
             }
         };
         rt.block_on(async move {
-            for link in &hub.links {
-                monoio::spawn(run_link(hub.clone(), link.clone()));
-            }
-            monoio::spawn(hand_over(hub.clone()));
-            reaper(hub).await;
+            run_here(hub);
+            std::future::pending::<()>().await
         });
     })?;
     Ok(())
@@ -56,6 +107,8 @@ async fn reaper(hub: Arc<Hub>) {
 /// clients (they go stale; up to 1 s) and for the packets the masters had
 /// in flight (100 ms), then writes the table for the next Atlas.
 async fn hand_over(hub: Arc<Hub>) {
+    // On a worker: its drain waits for this (and the links it needs).
+    let _hold = atlas_proxy::drain::Drain::current().hold();
     let path = persist::path_for(&hub.settings.load().key_file);
     while !atlas_proxy::drain::process_drain_requested() {
         monoio::time::sleep(Duration::from_millis(20)).await;

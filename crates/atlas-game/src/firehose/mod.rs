@@ -8,7 +8,8 @@
 //! - `wire`: framing, control messages, tagged packets.
 //! - `crypto`: the reconnect challenge and Atlas' persistent key pair.
 //! - `hub`: the client table, master outboxes, worker mailboxes.
-//! - `master`: the `atlas-firehose` thread (master links, stale reaper).
+//! - `master`: the master links and the stale reaper (on worker 0, or on
+//!   the `atlas-firehose` thread).
 //! - `client`: a client connection on a worker, and the worker's dispatcher.
 //! - `persist`: the client table handed to the next Atlas (restart, takeover).
 
@@ -48,7 +49,7 @@ pub fn start(cfg: &Config) -> Result<(), String> {
     let hub = Arc::new(Hub::new(f, key).map_err(|e| format!("internal: firehose doorbells: {e}"))?);
     // A restart: the previous Atlas left its clients here.
     hub.import_file(&table);
-    master::spawn(hub.clone()).map_err(|e| format!("internal: cannot start the firehose thread: {e}"))?;
+    master::spawn(hub.clone()).map_err(|e| format!("internal: cannot start the firehose master links: {e}"))?;
     tracing::info!(masters = %masters, "firehose: started");
     let _ = HUB.set(hub);
     Ok(())
