@@ -20,7 +20,7 @@ master and the clients (benches/fhload.rs) on CPU 0.
 
 Runs are repeated RUNS times (default 3), interleaved, and medians quoted.
 Knobs: CLIENTS=1000 SIZE=64 WINDOW=4 SECS=5 RUNS=3 THREADS=8 PROBE_RATE=1000
-LOAD_RATE=50000.
+LOAD_RATE=50000 MASTER_HOST=127.0.0.1 (localhost: master link on its own thread).
 """
 import os, re, shutil, statistics, subprocess, sys, tempfile, time
 
@@ -33,6 +33,9 @@ CLIENTS = int(os.environ.get("CLIENTS", 1000)); SIZE = int(os.environ.get("SIZE"
 WINDOW = int(os.environ.get("WINDOW", 4)); SECS = float(os.environ.get("SECS", 5))
 RUNS = int(os.environ.get("RUNS", 3)); THREADS = int(os.environ.get("THREADS", 8))
 PROBE_RATE = int(os.environ.get("PROBE_RATE", 1000)); LOAD_RATE = int(os.environ.get("LOAD_RATE", 50000))
+# MASTER_HOST=localhost names the master by host name: Atlas then runs its
+# master link on a thread of its own instead of on worker 0 (an A/B knob).
+MASTER_HOST = os.environ.get("MASTER_HOST", "127.0.0.1")
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -74,7 +77,7 @@ def main():
         conf = os.path.join(tmp, "firehose.toml")
         open(conf, "w").write(f'[listen]\naddress = "127.0.0.1:{port}"\nmode = "firehose"\nworkers = 1\n'
                               f'[api]\naddress = "127.0.0.1:{api}"\n'
-                              f'[firehose]\nmasters = ["127.0.0.1:{mport}"]\nkey_file = "{tmp}/key"\n')
+                              f'[firehose]\nmasters = ["{MASTER_HOST}:{mport}"]\nkey_file = "{tmp}/key"\n')
         atlas = procs.start_on(1, os.path.join(tmp, "atlas.log"), [ATLAS, conf, "--takeover-socket", os.path.join(tmp, "t.sock")])
         bench.wait_port(port); time.sleep(0.5)
         target, direct = f"127.0.0.1:{port}", f"127.0.0.1:{dport}"
