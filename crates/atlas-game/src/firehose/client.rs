@@ -405,11 +405,20 @@ fn end_client(hub: &Hub, id: u64, w: usize) {
 /// Appends what `f` pushes to the outbox of the client's current master
 /// (one lock for the lot) and wakes the link when it was idle.
 fn forward<T>(hub: &Hub, route: &AtomicUsize, id: u64, f: impl FnOnce(&mut dyn FnMut(&[u8])) -> T) -> T {
-    let Some(link) = hub.links.get(route.load(Ordering::Relaxed)) else {
-        return f(&mut |_| {});
+    let (link, mut o) = loop {
+        let m = route.load(Ordering::Relaxed);
+        let Some(link) = hub.links.get(m) else {
+            return f(&mut |_| {});
+        };
+        let o = lock(&link.out);
+        // A failover moves the route before it takes the failed link's
+        // outbox (under this lock): checked here, no frame can land in an
+        // outbox already emptied for the client's new master.
+        if route.load(Ordering::Relaxed) == m {
+            break (link, o);
+        }
     };
     let mut n = 0u64;
-    let mut o = lock(&link.out);
     let was_empty = o.bytes.is_empty();
     let out = f(&mut |p: &[u8]| {
         wire::push_tagged(&mut o.bytes, id, FLAG_DATA, p);

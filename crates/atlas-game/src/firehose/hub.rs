@@ -528,38 +528,57 @@ impl Hub {
     /// Link `failed` went down: with `failover`, its clients move to the
     /// other masters that are up (each gets a 0x03 notice there) and the
     /// packets queued for it follow them.
+    ///
+    /// Every outbox is held (in link order; workers lock one at a time)
+    /// while routes change and packets move. A worker that read the old
+    /// route finds it changed once it has the outbox and retries, so no
+    /// frame lands in the emptied outbox; one that reads a new route waits
+    /// for the moved packets to be queued first, so a client's frames reach
+    /// its new master in order.
     pub fn fail_over(&self, failed: &Link) {
         if !self.settings.load().failover {
             return;
         }
-        let up: Vec<&Arc<Link>> = self.links.iter().filter(|l| l.index != failed.index && l.up.load(Ordering::Relaxed)).collect();
+        let up: Vec<usize> = self.links.iter().filter(|l| l.index != failed.index && l.up.load(Ordering::Relaxed)).map(|l| l.index).collect();
         if up.is_empty() {
             return;
         }
         let mut moved = 0usize;
+        let mut woken = vec![false; self.links.len()];
         {
             let t = lock(&self.table);
+            let mut outs: Vec<MutexGuard<'_, Outbox>> = self.links.iter().map(|l| lock(&l.out)).collect();
+            let mut queue = |outs: &mut Vec<MutexGuard<'_, Outbox>>, to: usize, id: u64, flag: u8, data: &[u8]| {
+                woken[to] |= outs[to].bytes.is_empty();
+                wire::push_tagged(&mut outs[to].bytes, id, flag, data);
+                outs[to].packets += 1;
+            };
             for (&id, e) in t.clients.iter() {
                 if e.route.load(Ordering::Relaxed) != failed.index {
                     continue;
                 }
-                let Some(to) = up.iter().min_by_key(|l| l.clients.load(Ordering::Relaxed)) else { break };
-                e.route.store(to.index, Ordering::Relaxed);
+                let Some(&to) = up.iter().min_by_key(|&&i| self.links[i].clients.load(Ordering::Relaxed)) else { break };
+                e.route.store(to, Ordering::Relaxed);
                 failed.clients.fetch_sub(1, Ordering::Relaxed);
-                to.clients.fetch_add(1, Ordering::Relaxed);
-                to.push(id, FLAG_RECONNECT, b"");
+                self.links[to].clients.fetch_add(1, Ordering::Relaxed);
+                queue(&mut outs, to, id, FLAG_RECONNECT, b"");
                 moved += 1;
             }
-            // Queued packets follow their clients (the table lock keeps
-            // the routes still while they are re-sorted).
-            let pending = std::mem::take(&mut *lock(&failed.out));
+            let pending = std::mem::take(&mut *outs[failed.index]);
             let mut rest = &pending.bytes[..];
             while let Ok(Some((s, e))) = wire::next_frame(rest, usize::MAX) {
                 if let Ok(p) = wire::parse_tagged(&rest[s..e]) {
-                    let to = t.clients.get(&p.id).map(|c| c.route.load(Ordering::Relaxed)).and_then(|m| self.links.get(m)).unwrap_or(up[0]);
-                    to.push(p.id, p.flag, p.data);
+                    // A client no longer in the table (failed, kicked):
+                    // its notice waits for its own master.
+                    let to = t.clients.get(&p.id).map_or(failed.index, |c| c.route.load(Ordering::Relaxed));
+                    queue(&mut outs, to, p.id, p.flag, p.data);
                 }
                 rest = &rest[e..];
+            }
+        }
+        for (i, l) in self.links.iter().enumerate() {
+            if woken[i] {
+                l.bell.ring();
             }
         }
         if moved > 0 {
