@@ -8,10 +8,11 @@
 //! `ip:port`. A frame from a client of that worker then reaches the link
 //! with no thread switch; with one worker that is every frame, and it cut
 //! Atlas' CPU per frame by 6 to 15 % against a thread of their own in two
-//! interleaved A/B sets (`benches/RESULTS.md`). A master named by host name needs a blocking
-//! DNS lookup at each dial, which must not stall a worker: those links run
-//! on their own thread, `atlas-firehose`, as do links started by a reload
-//! after the workers (the firehose was just added to the config).
+//! interleaved A/B sets (`benches/RESULTS.md`). A master named by host
+//! name needs a blocking DNS lookup at each dial, which must not stall a
+//! worker: those links run on their own thread, `atlas-firehose`, as do
+//! links started by a reload after the workers (the firehose was just
+//! added to the config).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
