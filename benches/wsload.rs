@@ -46,30 +46,30 @@ fn frame(op: u8, payload: &[u8], mask: bool) -> Vec<u8> {
 }
 
 /// Parses whole frames from `buf`; returns (opcode, payload unmasked) and consumed bytes.
+/// The header of the first frame in `b` if it is all there: (header
+/// length including any mask key, payload length, mask key).
+fn frame_head(b: &[u8]) -> Option<(usize, usize, Option<[u8; 4]>)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let (len, h) = match b[1] & 0x7f {
+        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+        127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize, 10),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    if b[1] & 0x80 == 0 {
+        return Some((h, len, None));
+    }
+    let k = b.get(h..h + 4)?;
+    Some((h + 4, len, Some([k[0], k[1], k[2], k[3]])))
+}
+
 fn frames(buf: &[u8]) -> (Vec<(u8, Vec<u8>)>, usize) {
     let mut out = Vec::new();
     let mut i = 0;
-    loop {
+    while let Some((h, len, key)) = frame_head(&buf[i..]) {
         let b = &buf[i..];
-        if b.len() < 2 {
-            break;
-        }
-        let masked = b[1] & 0x80 != 0;
-        let (len, mut h) = match b[1] & 0x7f {
-            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-            127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize, 10),
-            126 | 127 => break,
-            n => (n as usize, 2),
-        };
-        let key = if masked {
-            if b.len() < h + 4 {
-                break;
-            }
-            h += 4;
-            Some([b[h - 4], b[h - 3], b[h - 2], b[h - 1]])
-        } else {
-            None
-        };
         if b.len() < h + len {
             break;
         }
@@ -298,17 +298,9 @@ fn echo(args: &[String]) {
     });
 }
 
-/// Length of the first whole unmasked frame in `b`, if there is one.
+/// Length of the first whole frame in `b`, if there is one.
 fn whole_frame(b: &[u8]) -> Option<usize> {
-    if b.len() < 2 {
-        return None;
-    }
-    let (len, h) = match b[1] & 0x7f {
-        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-        127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize, 10),
-        126 | 127 => return None,
-        n => (n as usize, 2),
-    };
+    let (h, len, _) = frame_head(b)?;
     (b.len() >= h + len).then_some(h + len)
 }
 
