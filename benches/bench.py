@@ -599,11 +599,32 @@ def setup_observe(cfg, procs):
             "targets": targets, "backend": backend, "body_size": body_size, "pairs": pairs}
 
 
+def setup_tcp(cfg, procs):
+    """TCP (layer-4) passthrough in front of the plain backend: Atlas `mode =
+    "tcp"` (splice on plain sockets), nginx's stream module, HAProxy `mode
+    tcp`. wrk's keep-alive connections each map to one backend connection."""
+    body_size = 1024
+    backend = start_backend(cfg, procs, body_size)
+    targets = []
+    if "atlas" in cfg["proxies"]:
+        text = (f'[listen]\naddress = "127.0.0.1"\nport = 18100\nmode = "tcp"\nworkers = 1\n' + ATLAS_UPSTREAM)
+        targets.append(("atlas", 18100, start_atlas_conf(cfg, procs, "atlas-tcp", text)))
+    if "nginx" in cfg["proxies"]:
+        targets.append(("nginx", 18101, start_nginx(cfg, procs, "nginx-stream", "nginx-stream.conf", cfg["proxy_cpu"],
+                                                    PORT=18101, BACKEND_PORT=BACKEND_PORT)))
+    if "haproxy" in cfg["proxies"]:
+        targets.append(("haproxy", 18102, start_haproxy(cfg, procs, "haproxy-tcp", cfg["proxy_cpu"], template="haproxy-tcp.cfg",
+                                                        PORT=18102, BACKEND_PORT=BACKEND_PORT)))
+    return {"description": "TCP passthrough, HTTP keep-alive GETs inside, 1 KiB body", "targets": targets,
+            "backend": backend, "body_size": body_size}
+
+
 SCENARIOS = {
     "proxy": make_proxy_scenario(1024, "1 KiB response body, keep-alive, GET"),
     "static": setup_static,
     "tls-proxy": setup_tls_proxy,
     "observe": setup_observe,
+    "tcp": setup_tcp,
 }
 
 

@@ -1,7 +1,7 @@
 //! The Atlas data path: what happens to a connection after accept.
 //!
 //! - `http`: the HTTP/1.1 reverse proxy (codec, chunked scanner, session).
-//! - `tcp`: layer-4 passthrough with half-close (splice on plain sockets).
+//! - `tcp`: layer-4 passthrough with half-close (bulk transfers spliced on plain sockets).
 //! - `upstream`: picking and connecting to an upstream, in-flight accounting.
 //! - `pool`: per-worker keep-alive pool of upstream connections.
 //! - `io`: buffers and byte pipes over monoio's owned-buffer I/O.

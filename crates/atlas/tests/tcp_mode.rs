@@ -32,6 +32,32 @@ fn tcp_mode_relays_bytes_both_ways() {
     assert_eq!(be.connections(), 1);
 }
 
+/// Small reads are copied, reads that fill the buffer switch the direction
+/// to splice and a short splice switches it back: bytes must come out in
+/// order across every switch, in both directions.
+#[test]
+fn tcp_mode_keeps_byte_order_across_copy_and_splice_switches() {
+    let be = Backend::raw(echo);
+    let atlas = Atlas::start(&tcp_config(&[be.addr], ""));
+    let mut c = Client::connect(atlas.addr());
+    for round in 0..3u8 {
+        for i in 0..20u8 {
+            let msg = format!("small {round} {i}\n");
+            c.send(&msg);
+            assert_eq!(c.read_exact_bytes(msg.len()), msg.as_bytes(), "round {round}: small message {i} garbled");
+        }
+        let data = pattern(3 * 1024 * 1024 + 777, 7 + round as u64);
+        let mut w = c.stream.try_clone().unwrap();
+        let d2 = data.clone();
+        let writer = thread::spawn(move || w.write_all(&d2));
+        let back = c.read_exact_bytes(data.len());
+        writer.join().unwrap().expect("client write");
+        assert!(back == data, "round {round}: bulk bytes differ (fnv {:x} vs {:x})", fnv64(&back), fnv64(&data));
+    }
+    c.send("last\n");
+    assert_eq!(c.read_exact_bytes(5), b"last\n", "a small message after the bulk rounds was lost");
+}
+
 #[test]
 fn tcp_half_close_lets_backend_reply_after_client_eof() {
     // Reads everything until EOF, only then answers and closes.
