@@ -824,15 +824,41 @@ def machine_info():
     return info
 
 
+# Scenarios measured by their own scripts (other load tools, msgs/s rather
+# than req/s): run with REPEATS/DURATION mapped to their RUNS/SECS, their
+# tables printed as they come, their output kept in the JSON.
+EXTERNAL = {
+    "ws": ("game.py", {"ONLY": "relay"}, "WebSocket relay, Atlas game mode vs nginx (benches/game.py)"),
+    "firehose": ("firehose.py", {}, "firehose aggregate frames/s through Atlas (benches/firehose.py)"),
+}
+
+
+def run_external(name, cfg):
+    script, env_add, description = EXTERNAL[name]
+    env = {**os.environ, **env_add}
+    env.setdefault("RUNS", str(cfg["repeats"]))
+    env.setdefault("SECS", str(cfg["duration"]))
+    env.setdefault("ATLAS_BIN", cfg["atlas_bin"])
+    print(f"\n== scenario {name}: {description}; {env['SECS']}s x {env['RUNS']} interleaved runs ==", flush=True)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, script)], env=env, stdout=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append(line)
+    if proc.wait() != 0:
+        raise BenchError(f"scenario {name}: {script} exited with {proc.returncode}")
+    return {"scenario": name, "description": description, "script": f"benches/{script}", "output": "".join(lines)}
+
+
 def main(argv):
     names = argv or ["proxy"]
     if any(a in ("-h", "--help") for a in names):
         print(__doc__)
-        print("Scenarios: " + ", ".join(SCENARIOS))
+        print("Scenarios: " + ", ".join(list(SCENARIOS) + list(EXTERNAL)))
         return 0
-    unknown = [n for n in names if n not in SCENARIOS]
+    unknown = [n for n in names if n not in SCENARIOS and n not in EXTERNAL]
     if unknown:
-        raise BenchError(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+        raise BenchError(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(list(SCENARIOS) + list(EXTERNAL))}")
 
     # wrk and the servers inherit this.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -865,6 +891,9 @@ def main(argv):
     results = []
     try:
         for n in names:
+            if n in EXTERNAL:
+                results.append(run_external(n, cfg))
+                continue
             res = run_scenario(n, cfg)
             results.append(res)
             print_table(res, cfg)
