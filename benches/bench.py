@@ -6,6 +6,8 @@ nginx and drives each with wrk, measuring throughput, latency and the proxy's
 own CPU time per request. See benches/README.md.
 
 Usage: python3 benches/bench.py [scenario ...]      (default: proxy)
+Scenarios: proxy, static, tls-proxy, tcp, observe (wrk), ws and firehose
+(run through benches/game.py and benches/firehose.py).
 
 Environment:
   DURATION=5            seconds per wrk run

@@ -20,7 +20,9 @@
 
 Knobs (environment): RUNS=3 SECS=5 SHAPES=16x64,1000x1 SESSIONS=9000
 PLAYERS=20 CROSSINGS=20 CAP=40 (0: skip the capped runs) ONLY=relay (skip
-transfers and idle sessions).
+transfers and idle sessions) FLOOR=1 (add `wsload floor`, the cheapest
+possible relay: one epoll thread, one recv and one send per event, no
+framing; its CPU per message is the floor for any user-space proxy here).
 """
 import os, re, shutil, subprocess, sys, tempfile, time, statistics, urllib.request
 
@@ -94,6 +96,9 @@ def relay_table(targets, title, shape):
         print(f"{k:8} {rate:>10.0f} {cpu:>11.2f}")
     if "nginx" in med:
         print(f"atlas/nginx: throughput x{med['atlas'][0] / med['nginx'][0]:.2f}, CPU per message x{med['nginx'][1] / med['atlas'][1]:.2f} less")
+    if "floor" in med and "nginx" in med:
+        print(f"floor/nginx: throughput x{med['floor'][0] / med['nginx'][0]:.2f}, CPU per message x{med['nginx'][1] / med['floor'][1]:.2f} less "
+              f"(the most any proxy could gain over nginx here)")
 
 def metrics(api):
     return urllib.request.urlopen(f"http://{api}/metrics", timeout=5).read().decode()
@@ -167,6 +172,12 @@ def main():
             n = PROCS.start_on(1, f"{tmp}/nginx.log", [ng, "-p", tmp, "-c", nginx_conf(tmp, 19220, "127.0.0.1:19210")])
             bench.wait_port(19220)
             targets.append(("nginx", 19220, n.pid))
+        if os.environ.get("FLOOR") == "1":
+            # The cheapest possible relay (wsload floor): what any user-space
+            # proxy pays at least on this machine, kernel TCP included.
+            f = PROCS.start_on(1, f"{tmp}/floor.log", [WSLOAD, "floor", "127.0.0.1:19230", "127.0.0.1:19210"])
+            bench.wait_port(19230)
+            targets.append(("floor", 19230, f.pid))
         for shape in SHAPES:
             title = f"WebSocket relay, 64-byte messages, {shape[0]} connections x window {shape[1]}, {SECS:.0f} s x {RUNS} runs (medians)"
             relay_table(targets, title, shape)

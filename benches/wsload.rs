@@ -10,6 +10,11 @@
 //!   wsload walk   TARGET PLAYERS CROSSINGS  players walk across the border at
 //!                                         x=1000 and back; checks every message is
 //!                                         echoed exactly once, in order
+//!   wsload floor  LISTEN BACKEND          the cheapest possible relay: one thread,
+//!                                         level-triggered epoll, one recv and one
+//!                                         send per readable event, no framing. Its
+//!                                         CPU per message is the floor of any
+//!                                         user-space proxy on this machine
 //!
 //! `echo` and `relay` run on one monoio (io_uring) thread each, so that the
 //! load side stays cheap with thousands of connections and the proxy is what
@@ -460,6 +465,72 @@ fn walk(args: &[String]) {
     println!("sent {} lost_or_wrong {}", sent.load(Ordering::Relaxed), lost.load(Ordering::Relaxed));
 }
 
+/// The cheapest relay a user-space proxy can be: one thread, level-triggered
+/// epoll, for each readable socket one `recv` and one `send` to its peer
+/// (a short message never fills the send buffer here; a failed or short
+/// send closes the pair). No framing, no timers, no allocation per message.
+/// Measured against nginx and Atlas by `benches/game.py` (FLOOR=1).
+fn floor(args: &[String]) {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    let listener = TcpListener::bind(&args[0]).expect("bind");
+    let backend: SocketAddr = args[1].parse().expect("backend address");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let lfd = listener.as_raw_fd();
+    // SAFETY: plain epoll and socket calls on descriptors this function owns.
+    unsafe {
+        let ep = libc::epoll_create1(0);
+        let add = |fd: i32| {
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+            libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev);
+        };
+        add(lfd);
+        let mut peer: Vec<i32> = vec![-1; 1 << 16];
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, -1);
+            for ev in events.iter().take(n.max(0) as usize) {
+                let fd = ev.u64 as i32;
+                if fd == lfd {
+                    while let Ok((c, _)) = listener.accept() {
+                        let Ok(b) = TcpStream::connect(backend) else { continue };
+                        let _ = c.set_nodelay(true);
+                        let _ = b.set_nodelay(true);
+                        let _ = c.set_nonblocking(true);
+                        let _ = b.set_nonblocking(true);
+                        let (c, b) = (c.into_raw_fd(), b.into_raw_fd());
+                        if c as usize >= peer.len() || b as usize >= peer.len() {
+                            libc::close(c);
+                            libc::close(b);
+                            continue;
+                        }
+                        peer[c as usize] = b;
+                        peer[b as usize] = c;
+                        add(c);
+                        add(b);
+                    }
+                    continue;
+                }
+                let other = peer[fd as usize];
+                if other < 0 {
+                    continue;
+                }
+                let got = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                if got < 0 && *libc::__errno_location() == libc::EAGAIN {
+                    continue;
+                }
+                let sent = if got > 0 { libc::send(other, buf.as_ptr().cast(), got as usize, libc::MSG_NOSIGNAL) } else { -1 };
+                if got <= 0 || sent != got {
+                    peer[fd as usize] = -1;
+                    peer[other as usize] = -1;
+                    libc::close(fd);
+                    libc::close(other);
+                }
+            }
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -467,6 +538,7 @@ fn main() {
         Some("relay") if args.len() >= 6 => relay(&args[1..]),
         Some("idle") if args.len() >= 4 => idle(&args[1..]),
         Some("walk") if args.len() >= 4 => walk(&args[1..]),
+        Some("floor") if args.len() >= 3 => floor(&args[1..]),
         _ => {
             eprintln!("usage: see the header of benches/wsload.rs");
             std::process::exit(2);
