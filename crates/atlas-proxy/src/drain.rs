@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 
-use monoio::io::{CancelHandle, Canceller};
+use monoio::io::Canceller;
 
 /// Slots reused through a free list: O(1) insert and remove, so the
 /// per-request registration of an idle wait costs no hashing or scanning.
@@ -175,38 +175,6 @@ impl Drain {
                 w.wake();
             }
         }
-    }
-}
-
-/// A client connection's means to wait idle between requests: the drain,
-/// and a canceller registered with it once for the whole connection. Built
-/// per request instead, monoio's canceller (an `Rc` around a hash set) cost
-/// two allocations and a slab slot per request: static files at c=500 paid
-/// 7 % more CPU per request for it (benches/RESULTS.md, issue 10).
-pub struct IdleWait {
-    drain: Drain,
-    handle: CancelHandle,
-    _registration: Registration,
-}
-
-impl IdleWait {
-    pub fn drain(&self) -> &Drain {
-        &self.drain
-    }
-
-    /// For a cancelable read: canceled when the drain starts (at once if
-    /// it already has).
-    pub fn cancel_handle(&self) -> CancelHandle {
-        self.handle.clone()
-    }
-}
-
-impl Drain {
-    /// The idle-wait handle of a new client connection.
-    pub fn idle_wait(&self) -> IdleWait {
-        let canceller = Canceller::new();
-        let handle = canceller.handle();
-        IdleWait { drain: self.clone(), handle, _registration: self.register(canceller) }
     }
 }
 

@@ -242,8 +242,8 @@ impl<S: AsyncWriteRent> AsyncWriteRent for Metered<S> {
 }
 
 impl<S: ClientStream> ClientStream for Metered<S> {
-    async fn read_idle(&mut self, buf: &mut Vec<u8>, max: usize, idle: &crate::drain::IdleWait) -> io::Result<usize> {
-        let r = self.inner.read_idle(buf, max, idle).await;
+    async fn read_idle(&mut self, buf: &mut Vec<u8>, max: usize, drain: &crate::drain::Drain) -> io::Result<usize> {
+        let r = self.inner.read_idle(buf, max, drain).await;
         if let Ok(n) = r {
             self.read += n as u64;
         }
@@ -271,8 +271,7 @@ pub trait ClientStream: AsyncReadRent + AsyncWriteRent + Split + Sized + 'static
     /// instant is lost with the connection, as with any server closing an
     /// idle keep-alive connection. Plain sockets override it with a
     /// cancelable read that loses nothing.
-    async fn read_idle(&mut self, buf: &mut Vec<u8>, max: usize, idle: &crate::drain::IdleWait) -> io::Result<usize> {
-        let drain = idle.drain();
+    async fn read_idle(&mut self, buf: &mut Vec<u8>, max: usize, drain: &crate::drain::Drain) -> io::Result<usize> {
         if drain.is_draining() {
             return Ok(0);
         }
@@ -312,15 +311,18 @@ pub trait ClientStream: AsyncReadRent + AsyncWriteRent + Split + Sized + 'static
 }
 
 impl ClientStream for monoio::net::TcpStream {
-    async fn read_idle(&mut self, buf: &mut Vec<u8>, max: usize, idle: &crate::drain::IdleWait) -> io::Result<usize> {
-        use monoio::io::CancelableAsyncReadRent;
-        if idle.drain().is_draining() {
+    async fn read_idle(&mut self, buf: &mut Vec<u8>, max: usize, drain: &crate::drain::Drain) -> io::Result<usize> {
+        use monoio::io::{CancelableAsyncReadRent, Canceller};
+        if drain.is_draining() {
             return Ok(0);
         }
         make_room(buf, max)?;
+        let canceller = Canceller::new();
+        let handle = canceller.handle();
+        let _registration = drain.register(canceller);
         let owned = std::mem::take(buf);
         let (len, cap) = (owned.len(), owned.capacity());
-        let (res, slice) = self.cancelable_read(owned.slice_mut(len..cap), idle.cancel_handle()).await;
+        let (res, slice) = self.cancelable_read(owned.slice_mut(len..cap), handle).await;
         *buf = slice.into_inner();
         match res {
             // Canceled by the drain before any byte arrived.

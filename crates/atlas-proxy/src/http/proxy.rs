@@ -57,7 +57,6 @@ enum Step {
 pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, client: S, peer: SocketAddr, client_fd: RawFd) {
     let drain = Drain::current();
     let _live = drain.connection();
-    let idle = drain.idle_wait();
     let mut ctx = ctx;
     let mut client = Metered::new(client);
     // Bytes read from the client but not yet consumed by a request.
@@ -72,7 +71,7 @@ pub async fn serve<S: ClientStream>(ctx: Rc<ListenerCtx>, client: S, peer: Socke
             give_buf(std::mem::take(&mut b.ubuf));
             give_buf(std::mem::take(&mut b.out));
             let max = ctx.limits.max_header_bytes + BUF_SIZE;
-            match timeout(ctx.timeouts.client_idle, client.read_idle(&mut b.cbuf, max, &idle)).await {
+            match timeout(ctx.timeouts.client_idle, client.read_idle(&mut b.cbuf, max, &drain)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(Ok(_)) if drain.is_draining() => {
                     // Drained while idle. A client may be sending its next
