@@ -18,7 +18,7 @@ use monoio::io::splice::{SpliceDestination, SpliceSource};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Split, Splitable};
 use monoio::net::TcpStream;
 
-use crate::io::{give_buf, pipe_both, read_more, shutdown_fd, take_buf, write_vec, BUF_SIZE};
+use crate::io::{give_buf, next_read_buf, pipe_both, read_more, refit_read_buf, shutdown_fd, write_vec, BUF_SIZE};
 use crate::upstream::{self, InflightGuard, UpstreamConn};
 use crate::ListenerCtx;
 use atlas_observe::skim;
@@ -37,8 +37,8 @@ fn client_hash(ctx: &ListenerCtx, peer: SocketAddr) -> u64 {
 const SPLICE_BACK: usize = 4 * 1024;
 
 /// One direction of a plain-socket tunnel, until end of stream (then `to`
-/// is half-closed). Small reads are copied through a pooled buffer; a read
-/// that fills the whole buffer means a bulk transfer, and the direction
+/// is half-closed). Small reads are copied through a buffer; a read that
+/// fills a whole 16 KiB buffer means a bulk transfer, and the direction
 /// switches to splice(2) through a pipe until a splice moves less than
 /// [`SPLICE_BACK`]. Measured (benches/RESULTS.md, issue 10): for 1 KiB
 /// request/response traffic, copying cost 8.2 µs of proxy CPU per request
@@ -50,7 +50,10 @@ where
     R: AsReadFd + AsyncReadRent,
     W: AsWriteFd + AsyncWriteRent,
 {
-    let mut buf = take_buf();
+    // Small while the connection idles or trickles, pooled 16 KiB ones while
+    // data flows (see `io::refit_read_buf`): an idle tunnel holds 2 KiB per
+    // direction, not 16.
+    let mut buf = next_read_buf(0, 0);
     let mut pipe = None;
     let res = relay_loop(from, to, idle, total, &mut buf, &mut pipe).await;
     give_buf(buf);
@@ -81,13 +84,14 @@ where
         }
         let n = match pipe.as_mut().filter(|_| bulk) {
             None => {
-                buf.clear();
                 let n = monoio::time::timeout(idle, read_more(from, buf, BUF_SIZE)).await.map_err(|_| idle_err())??;
                 if n > 0 {
                     write_vec(to, buf).await?;
                     *total += n as u64;
-                    bulk = n == buf.capacity();
+                    bulk = n == buf.capacity() && n >= BUF_SIZE;
                 }
+                buf.clear();
+                refit_read_buf(buf, n);
                 n
             }
             Some((pr, pw)) => {
