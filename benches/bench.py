@@ -603,7 +603,7 @@ def setup_observe(cfg, procs):
 
 def setup_tcp(cfg, procs):
     """TCP (layer-4) passthrough in front of the plain backend: Atlas `mode =
-    "tcp"` (splice on plain sockets), nginx's stream module, HAProxy `mode
+    "tcp"` (small reads copied, bulk spliced), nginx's stream module, HAProxy `mode
     tcp`. wrk's keep-alive connections each map to one backend connection."""
     body_size = 1024
     backend = start_backend(cfg, procs, body_size)
