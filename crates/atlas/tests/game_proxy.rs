@@ -35,7 +35,7 @@ mod common;
 #[path = "support/game.rs"]
 mod game;
 
-use std::io::{BufReader, Cursor, Read, Write};
+use std::io::{BufRead, BufReader, Cursor, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -1272,6 +1272,79 @@ fn a_flooding_server_is_held_back_by_a_client_that_does_not_read() {
         assert_eq!(f.payload.len(), FRAME);
         assert_eq!(u64::from_be_bytes(f.payload[..8].try_into().unwrap()), want);
     }
+}
+
+/// A reload gives every session new settings (the ticker swaps them in).
+/// A client reader waiting on a held-back server write used to hold a
+/// borrow of its settings across that wait, so the swap panicked the worker.
+#[test]
+fn a_reload_while_a_client_write_is_held_back_keeps_the_session_and_the_worker() {
+    let _serial = serial();
+    let atlas = Atlas::start(&config(""));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = json!({"name": "sleepy-server", "address": format!("127.0.0.1:{port}"), "region_coord": {"x": 0, "y": 0, "z": 0},
+        "center": {"x": 500.0, "y": 500.0, "z": 500.0}, "bounds": 500.0, "capacity": 10});
+    let (status, _) = http_json(api(&atlas), "POST", "/api/v1/servers/register", Some(&body), &[]).unwrap();
+    assert!(status == 200 || status == 201, "register: {status}");
+    const FRAME: usize = 16 * 1024;
+    // The server: handshake, then reads nothing until told to, then checks
+    // `n` whole frames arrive in order.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<u64>();
+    let server = thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap() == 0 {
+                panic!("the upgrade request ended early");
+            }
+            head.push_str(&line);
+        }
+        let key = head
+            .lines()
+            .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-key")).map(|(_, v)| v.trim().to_string()))
+            .unwrap();
+        let mut w = s;
+        write!(w, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n", game::accept_key(&key))
+            .unwrap();
+        let n = go_rx.recv().unwrap();
+        w.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for want in 0..n {
+            let f = game::read_frame(&mut r).unwrap_or_else(|e| panic!("frame {want} of {n}: {e}"));
+            assert_eq!(f.payload.len(), FRAME);
+            assert_eq!(u64::from_be_bytes(f.payload[..8].try_into().unwrap()), want, "frames out of order");
+        }
+        n
+    });
+    let (mut w, _r) = raw_client(atlas.addr(), "/play?player_id=pusher&x=100&y=500&z=500");
+    // Flood until Atlas stops taking the client's bytes: its reader is then
+    // waiting on the server write.
+    w.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut sent = 0u64;
+    loop {
+        let mut payload = vec![0x5a; FRAME];
+        payload[..8].copy_from_slice(&sent.to_be_bytes());
+        if w.write_all(&game::encode_frame(true, OP_BINARY, &payload, Some(game::random_mask()))).is_err() {
+            break;
+        }
+        sent += 1;
+        assert!(sent < 20_000, "the client was never held back");
+    }
+    // Reload (same file, new settings object) and give the ticker a few ticks.
+    atlas.signal("HUP");
+    assert!(atlas.wait_log("reload", 1, Duration::from_secs(5)), "no reload logged:\n{}", atlas.logs());
+    thread::sleep(Duration::from_millis(500));
+    go_tx.send(sent).unwrap();
+    assert_eq!(server.join().expect("the server saw its frames"), sent);
+    assert!(!atlas.logs().contains("panicked"), "a worker panicked:\n{}", atlas.logs());
+    // The worker still takes new players.
+    let s2 = region_server(&atlas, "after-reload", 1);
+    let mut c = WsClient::connect(atlas.addr(), "/play?player_id=later&x=1500&y=500&z=500", &[]).expect("a new session after the reload");
+    c.send_text("hello");
+    assert!(s2.wait_received(1, Duration::from_secs(5)), "the new session relays nothing");
+    assert_eq!(s2.received()[0].text, "hello");
 }
 
 // ---------------------------------------------------------------------------

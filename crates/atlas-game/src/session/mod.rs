@@ -930,7 +930,10 @@ async fn client_reader<R: AsyncReadRent>(s: Rc<Session>, mut r: R, mut buf: Vec<
         s.last_in.set(Instant::now());
         cuts.clear();
         let mut close_seen = false;
-        let rules = &s.settings.borrow().rules;
+        // An `Arc` of the settings, not a borrow of the cell: the sends below
+        // can wait, and the ticker swaps in new settings after a reload.
+        let now_settings = s.settings.borrow().clone();
+        let rules = &now_settings.rules;
         let was_boundary = dec.at_message_boundary();
         let res = dec.feed(&buf, |c| {
             let end = match &c {
