@@ -166,7 +166,7 @@ fn reload_carries_in_flight_counts_of_remaining_upstreams() {
             tls: None,
         });
     }
-    let new = GroupShared::carrying(&g, 2, &[old.clone()]);
+    let new = GroupShared::carrying(&g, 2, std::slice::from_ref(&old));
     assert_eq!(new.inflight.total(0), 4, "u1's requests in flight are still counted");
     assert_eq!(new.inflight.total(1), 0);
     // A request that started before the reload finishes on the old table...

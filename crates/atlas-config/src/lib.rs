@@ -548,7 +548,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         u => return Err(format!("unknown duration unit `{u}` in `{s}` (use ms, s, m or h)")),
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 31_536_000.0 {
+    if !secs.is_finite() || !(0.0..=31_536_000.0).contains(&secs) {
         return Err(format!("duration `{s}` is out of range (0 to 365 days)"));
     }
     Ok(Duration::from_secs_f64(secs))

@@ -159,9 +159,8 @@ pub(crate) fn validate_store(diag: &mut Diag<'_>, r: &RawStore) -> Store {
         }
     });
     if backend == StoreBackend::Redis && url.is_none() && r.url.is_none() {
-        match &r.backend {
-            Some(b) => diag.at(b, "store.url", "backend = \"redis\" needs url = \"redis://host:port/db\""),
-            None => {}
+        if let Some(b) = &r.backend {
+            diag.at(b, "store.url", "backend = \"redis\" needs url = \"redis://host:port/db\"");
         }
     }
     let prefix = match &r.prefix {

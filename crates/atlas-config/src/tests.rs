@@ -67,7 +67,7 @@ fn tls_files_are_checked_for_pem_content() {
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     std::fs::write(&junk, "not pem at all\n").unwrap();
     let tls = |c: &std::path::Path, k: &std::path::Path| {
-        format!("{SEED}").replace(
+        SEED.to_string().replace(
             "workers = 4",
             &format!(
                 "workers = 4\n[listen.tls]\ncert = {:?}\nkey = {:?}\n[[listen.tls.sni]]\nnames = [\"a.test\", \"*.b.test\"]\ncert = {:?}\nkey = {:?}",

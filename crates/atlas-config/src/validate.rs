@@ -692,7 +692,7 @@ fn routes(diag: &mut Diag<'_>, raw: &[Spanned<RawRoute>], listeners: &mut [Liste
         }
     }
     for l in listeners.iter_mut() {
-        l.routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        l.routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         l.skim.routes = l.routes.iter().any(|r| r.skim);
     }
 }

@@ -22,7 +22,7 @@ fn exercise(driver: &str) {
     }
     assert_eq!(be.connections(), 1, "keep-alive reuse on {driver}");
     let body = pattern(3 << 20, 9);
-    let r = c.request(&[format!("PUT /big HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(), &body[..]].concat());
+    let r = c.request([format!("PUT /big HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(), &body[..]].concat());
     assert_eq!(r.text(), format!("PUT /big {}", body.len()));
 
     // TCP mode with half-close on the same driver.

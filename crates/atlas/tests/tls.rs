@@ -585,7 +585,7 @@ fn config_reload_switches_to_other_certificate_files() {
     let (c1, k1) = v1.write(&dir, "one");
     let (c2, k2) = v2.write(&dir, "two");
     let be = Backend::echo_path();
-    let path = dir.write("atlas.toml", &tls_config("http", &[be.addr], &tls_section(&c1, &k1, &[]), ""));
+    let path = dir.write("atlas.toml", tls_config("http", &[be.addr], &tls_section(&c1, &k1, &[]), ""));
     let atlas = Atlas::start_file(&path, 1);
     let addr = atlas.addr();
     let verified = ClientOpts { ca: Some(&ca), ..Default::default() };

@@ -964,8 +964,7 @@ async fn client_reader<R: AsyncReadRent>(s: Rc<Session>, mut r: R, mut buf: Vec<
         let mut start = 0;
         let mut start_boundary = was_boundary;
         let mut failed = false;
-        for i in 0..cuts.len() {
-            let (at, pos) = cuts[i];
+        for &(at, pos) in &cuts {
             if let Some(p) = pos {
                 s.on_position(p);
             }
