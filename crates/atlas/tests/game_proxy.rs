@@ -35,7 +35,7 @@ mod common;
 #[path = "support/game.rs"]
 mod game;
 
-use std::io::{BufRead, BufReader, Cursor, Read, Write};
+use std::io::{BufReader, Cursor, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -203,6 +203,36 @@ fn raw_client(addr: SocketAddr, path: &str) -> (TcpStream, Reader) {
     assert_eq!(header_of(&head, "sec-websocket-accept"), Some(game::accept_key(&key)));
     let w = s.try_clone().unwrap();
     (w, BufReader::new(Cursor::new(leftover).chain(s)))
+}
+
+/// A game server played by the test itself: a listener registered for
+/// grid cell (0, 0, 0), whose connections `accept_upgrade` takes.
+fn raw_server(atlas: &Atlas, name: &str) -> std::net::TcpListener {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = json!({"name": name, "address": format!("127.0.0.1:{port}"), "region_coord": {"x": 0, "y": 0, "z": 0},
+        "center": {"x": 500.0, "y": 500.0, "z": 500.0}, "bounds": 500.0, "capacity": 10});
+    let (status, _) = http_json(api(atlas), "POST", "/api/v1/servers/register", Some(&body), &[]).unwrap();
+    assert!(status == 200 || status == 201, "register: {status}");
+    listener
+}
+
+/// Accepts Atlas's connection to a `raw_server` and answers its upgrade
+/// (the head is read byte by byte, so nothing after it is consumed).
+fn accept_upgrade(listener: &std::net::TcpListener) -> TcpStream {
+    let (mut s, _) = listener.accept().unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let key =
+        head.lines().find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-key")).map(|(_, v)| v.trim().to_string())).unwrap();
+    write!(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n", game::accept_key(&key))
+        .unwrap();
+    s
 }
 
 fn masked_text(text: &str) -> Vec<u8> {
@@ -1219,31 +1249,13 @@ fn five_thousand_pipelined_messages_each_way_exactly_once_in_order() {
 fn a_flooding_server_is_held_back_by_a_client_that_does_not_read() {
     let _serial = serial();
     let atlas = Atlas::start(&config(""));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let body = json!({"name": "flood", "address": format!("127.0.0.1:{port}"), "region_coord": {"x": 0, "y": 0, "z": 0},
-        "center": {"x": 500.0, "y": 500.0, "z": 500.0}, "bounds": 500.0, "capacity": 10});
-    let (status, _) = http_json(api(&atlas), "POST", "/api/v1/servers/register", Some(&body), &[]).unwrap();
-    assert!(status == 200 || status == 201, "register: {status}");
+    let listener = raw_server(&atlas, "flood");
     const FRAME: usize = 16 * 1024;
     // The server: handshake, then 16 KiB binary frames (sequence number
     // first) until a write has been stuck for a second; returns how many
     // whole frames it wrote.
     let server = thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).unwrap();
-            head.push(b[0]);
-        }
-        let head = String::from_utf8_lossy(&head).into_owned();
-        let key = head
-            .lines()
-            .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-key")).map(|(_, v)| v.trim().to_string()))
-            .unwrap();
-        write!(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n", game::accept_key(&key))
-            .unwrap();
+        let mut s = accept_upgrade(&listener);
         s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut frames = 0u64;
@@ -1281,34 +1293,14 @@ fn a_flooding_server_is_held_back_by_a_client_that_does_not_read() {
 fn a_reload_while_a_client_write_is_held_back_keeps_the_session_and_the_worker() {
     let _serial = serial();
     let atlas = Atlas::start(&config(""));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let body = json!({"name": "sleepy-server", "address": format!("127.0.0.1:{port}"), "region_coord": {"x": 0, "y": 0, "z": 0},
-        "center": {"x": 500.0, "y": 500.0, "z": 500.0}, "bounds": 500.0, "capacity": 10});
-    let (status, _) = http_json(api(&atlas), "POST", "/api/v1/servers/register", Some(&body), &[]).unwrap();
-    assert!(status == 200 || status == 201, "register: {status}");
+    let listener = raw_server(&atlas, "sleepy-server");
     const FRAME: usize = 16 * 1024;
     // The server: handshake, then reads nothing until told to, then checks
     // `n` whole frames arrive in order.
     let (go_tx, go_rx) = std::sync::mpsc::channel::<u64>();
     let server = thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut head = String::new();
-        while !head.ends_with("\r\n\r\n") {
-            let mut line = String::new();
-            if r.read_line(&mut line).unwrap() == 0 {
-                panic!("the upgrade request ended early");
-            }
-            head.push_str(&line);
-        }
-        let key = head
-            .lines()
-            .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-key")).map(|(_, v)| v.trim().to_string()))
-            .unwrap();
-        let mut w = s;
-        write!(w, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n", game::accept_key(&key))
-            .unwrap();
+        let w = accept_upgrade(&listener);
+        let mut r = BufReader::new(w.try_clone().unwrap());
         let n = go_rx.recv().unwrap();
         w.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         for want in 0..n {
