@@ -105,7 +105,25 @@ fn init_logging(cfg: &atlas_config::Config) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
 }
 
+/// The signals Atlas handles. They are blocked in every thread and taken by
+/// the main thread with sigtimedwait (see `run`).
+fn handled_signals() -> SigSet {
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGHUP, Signal::SIGUSR1] {
+        signals.add(s);
+    }
+    signals
+}
+
 fn main() -> ExitCode {
+    // Block the handled signals before any thread exists, so every thread
+    // inherits the mask. A thread started earlier (the rooms thread was)
+    // would take a SIGTERM or SIGHUP with its default action, killing the
+    // process, whenever the main thread was not in sigtimedwait.
+    if let Err(e) = handled_signals().thread_block() {
+        eprintln!("atlas: internal: cannot block signals: {e}");
+        return ExitCode::from(1);
+    }
     let args = match parse_args() {
         Ok(Some(a)) => a,
         Ok(None) => return ExitCode::SUCCESS,
@@ -217,13 +235,8 @@ fn run(cfg: atlas_config::Config, shared: atlas_runtime::Shared, args: &Args) ->
         tracing::info!("no CONFIG given: running the embedded default (the game gateway and its API)");
     }
     start_game(&cfg)?;
-    // Block the signals before any thread exists so every thread inherits
-    // the mask and only this thread receives them (sigtimedwait below).
-    let mut signals = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGHUP, Signal::SIGUSR1] {
-        signals.add(s);
-    }
-    signals.thread_block().map_err(|e| format!("internal: cannot block signals: {e}"))?;
+    // Blocked in main() before any thread existed; taken here.
+    let signals = handled_signals();
 
     // Watch the file before anything is announced, so a change made right
     // after start-up is not missed (it is applied once serving).

@@ -382,6 +382,34 @@ fn broken_toml_keeps_old_config() {
     assert!(wait_body(addr, "B", Duration::from_secs(2)), "B does not answer 2 s after a valid reload");
 }
 
+/// Signals are for the main thread alone (it takes them with sigtimedwait):
+/// every other thread must block them. A thread started before they were
+/// blocked (the rooms thread was) let the kernel deliver a SIGTERM or
+/// SIGHUP there whenever the main thread was not waiting, with the default
+/// action: the process died (seen as a flaky `second_signal_forces_exit`).
+#[test]
+fn every_thread_but_the_main_one_blocks_the_signals_atlas_handles() {
+    // SIGHUP 1, SIGINT 2, SIGQUIT 3, SIGUSR1 10, SIGTERM 15: bits n-1.
+    const HANDLED: u64 = 1 << 0 | 1 << 1 | 1 << 2 | 1 << 9 | 1 << 14;
+    let a = Backend::fixed("A");
+    let atlas = Atlas::start(&cfg(&[a.addr], ""));
+    assert_eq!(body(atlas.addr(), "/"), "A");
+    let pid = atlas.pid();
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).expect("list threads") {
+        let tid: u32 = entry.unwrap().file_name().to_string_lossy().parse().unwrap();
+        if tid == pid {
+            continue; // Inside sigtimedwait the waited-for signals are unblocked.
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else { continue };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("").to_string();
+        let blocked = u64::from_str_radix(&field("SigBlk:"), 16).unwrap_or(0);
+        checked.push(field("Name:"));
+        assert_eq!(blocked & HANDLED, HANDLED, "thread {tid} `{}` does not block the handled signals (SigBlk {blocked:x})", field("Name:"));
+    }
+    assert!(checked.len() >= 2, "too few threads to check: {checked:?}");
+}
+
 #[test]
 fn sighup_reloads() {
     let a = Backend::fixed("A");
