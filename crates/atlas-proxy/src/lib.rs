@@ -12,6 +12,7 @@
 pub mod drain;
 pub mod error;
 pub mod fuzzing;
+pub mod handshake;
 pub mod http;
 pub mod io;
 pub mod limits;
@@ -64,7 +65,7 @@ pub struct ListenerCtx {
     /// `http` or `https`: the value of `X-Forwarded-Proto`.
     pub proto: &'static str,
     /// TLS termination for this listener.
-    pub tls: Option<monoio_rustls::TlsAcceptor>,
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Where requests go when no route matches (`None`: nowhere, 503).
     pub default: Option<Target>,
     /// `[[routes]]`, longest prefix first.

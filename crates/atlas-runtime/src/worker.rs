@@ -29,7 +29,6 @@ use atlas_proxy::upstream::Passive;
 use atlas_proxy::{ListenerCtx, Skim, Target, Upstreams};
 use monoio::io::Canceller;
 use monoio::net::{TcpListener, TcpStream};
-use monoio_rustls::TlsAcceptor;
 
 use crate::{BoundListener, ChosenDriver, Shared};
 
@@ -142,7 +141,7 @@ impl CtxBuilder<'_> {
             name: l.name.clone(),
             mode: l.mode,
             proto: if l.tls.is_some() { "https" } else { "http" },
-            tls: self.shared.server_tls[li].as_ref().map(|t| TlsAcceptor::from(t.config.clone())),
+            tls: self.shared.server_tls[li].as_ref().map(|t| t.config.clone()),
             default,
             routes,
             hash_key: (l.strategy == Strategy::Hash).then(|| l.hash_key.clone()),
@@ -326,7 +325,7 @@ async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
                 let fd = stream.as_raw_fd();
                 spawn_conn(slots, atlas_game::firehose::serve(ctx, stream, peer, fd))
             }
-            (Some(acceptor), _) => spawn_conn(slots, serve_tls(ctx, acceptor, stream, peer)),
+            (Some(config), _) => spawn_conn(slots, serve_tls(ctx, config, stream, peer)),
         }
     }
     tracing::debug!(listener = %ctx.name, "stopped accepting");
@@ -343,10 +342,10 @@ fn spawn_conn<T: 'static, F: std::future::Future<Output = ()> + 'static>(slots: 
 
 /// TLS handshake (bounded by the header timeout), then the mode's handler
 /// over the encrypted stream: the same code as for plain connections.
-async fn serve_tls(ctx: Rc<ListenerCtx>, acceptor: TlsAcceptor, stream: TcpStream, peer: SocketAddr) {
+async fn serve_tls(ctx: Rc<ListenerCtx>, config: Arc<rustls::ServerConfig>, stream: TcpStream, peer: SocketAddr) {
     let _live = Drain::current().connection();
     let fd = stream.as_raw_fd();
-    let tls = match monoio::time::timeout(ctx.timeouts.client_header, acceptor.accept(stream)).await {
+    let tls = match monoio::time::timeout(ctx.timeouts.client_header, atlas_proxy::handshake::accept(config, stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             ctx.stats().reject(Reject::TlsHandshake);
