@@ -14,9 +14,10 @@
 //! rustls' `process_new_packets` while handshaking, first takes one of
 //! [`PERMITS`] per-worker permits, and keeps it until its reply has been
 //! written. On io_uring that write completes only on the worker's next pass
-//! through the driver, after the tasks that became ready meanwhile have run. So each pass serves the open connections and then one
-//! handshake, which is what nginx gets by accepting one connection per
-//! event-loop turn. A plain yield to the back of the task queue is not
+//! through the driver, after the tasks that became ready meanwhile have
+//! run. So each pass serves the open connections and then one handshake,
+//! which is what nginx gets by accepting one connection per event-loop
+//! turn. A plain yield to the back of the task queue is not
 //! enough: monoio runs up to twice the queue's length of tasks before it
 //! looks at I/O again, so a chain of yielding handshakes still ran ~100
 //! deep before a waiting request was even seen. (On the epoll fallback the
