@@ -24,11 +24,12 @@
 //! write is done inside the poll, so there the gate orders nothing; io_uring
 //! is the default.)
 //!
-//! The permit is taken after the bytes have been read. A reply is a few KiB
-//! written to a fresh socket's empty send buffer, so its write waits on
-//! nothing the client controls. Nothing is held across a read, so a client
-//! that stalls mid-handshake holds no permit, and the gate gives a slow
-//! client attack nothing to use.
+//! The permit is taken after the bytes have been read. A reply of up to
+//! [`HELD_WRITE_MAX`] goes to a fresh socket's empty send buffer, so its
+//! write waits on nothing the client controls; a larger one (a long
+//! certificate chain) is written after the permit is given back. Nothing is
+//! held across a read, so a client that stalls mid-handshake holds no
+//! permit, and the gate gives a slow client attack nothing to use.
 //!
 //! When the handshake is done, the same rustls session becomes a
 //! `monoio_rustls` stream (`Stream::new`). Any data the client sent after its
@@ -85,17 +86,21 @@ async fn drive(conn: &mut ServerConnection, io: &mut TcpStream, gate: &Semaphore
             conn.read_tls(&mut rest)?;
             let state = match conn.is_handshaking() {
                 true => {
-                    let permit = gate.acquire().await.map_err(io::Error::other)?;
+                    let mut permit = Some(gate.acquire().await.map_err(io::Error::other)?);
                     let state = conn.process_new_packets();
                     // Keep the permit until the reply has been handed to the
                     // kernel: the write completes on the worker's next pass
                     // through the driver, after the tasks that became ready
-                    // meanwhile (open connections' requests) have run. The
-                    // reply is a few KiB on a fresh socket, so it fits the
-                    // send buffer and the write waits on nothing the client
-                    // controls.
+                    // meanwhile (open connections' requests) have run. A
+                    // reply that might not fit a fresh socket's send buffer
+                    // (a long certificate chain) lets go first, so that no
+                    // write the client can stall is made under the permit.
                     if state.is_ok() {
-                        flush(conn, io, out).await?;
+                        take_reply(conn, out)?;
+                        if out.len() > HELD_WRITE_MAX {
+                            permit = None;
+                        }
+                        write_out(io, out).await?;
                     }
                     drop(permit);
                     state
@@ -117,13 +122,30 @@ async fn drive(conn: &mut ServerConnection, io: &mut TcpStream, gate: &Semaphore
     }
 }
 
-async fn flush(conn: &mut ServerConnection, io: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
+/// Largest reply written while holding the permit: well inside the 16 KiB
+/// a fresh TCP socket may queue (`tcp_wmem`'s default), so the write does
+/// not wait for the client to read.
+const HELD_WRITE_MAX: usize = 8 * 1024;
+
+/// Moves everything rustls has to send into `out`.
+fn take_reply(conn: &mut ServerConnection, out: &mut Vec<u8>) -> io::Result<()> {
+    out.clear();
     while conn.wants_write() {
-        out.clear();
         conn.write_tls(out)?;
-        let (r, b) = io.write_all(std::mem::take(out)).await;
-        *out = b;
-        r?;
     }
     Ok(())
+}
+
+async fn write_out(io: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let (r, b) = io.write_all(std::mem::take(out)).await;
+    *out = b;
+    r.map(|_| ())
+}
+
+async fn flush(conn: &mut ServerConnection, io: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
+    take_reply(conn, out)?;
+    write_out(io, out).await
 }

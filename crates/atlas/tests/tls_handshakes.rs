@@ -4,6 +4,8 @@
 //! - a client that stalls mid-handshake (slowloris on the handshake) holds
 //!   nothing that others wait for;
 //! - a ClientHello split over several reads still completes;
+//! - a reply too large to write under the pacing permit (a long
+//!   certificate) still completes;
 //! - a request sent in the same write as the client's Finished is served.
 //!
 //! Clients are rustls, driven by hand where the test needs to control which
@@ -28,11 +30,16 @@ use tls_support::*;
 /// A one-worker static TLS listener serving `/a.txt`, with a long header
 /// timeout so that a stalled handshake is not cut short while a test runs.
 fn start() -> (Atlas, Ca, TempDir, TempDir) {
+    start_with_names(&["localhost".to_string()])
+}
+
+fn start_with_names(names: &[String]) -> (Atlas, Ca, TempDir, TempDir) {
     let ca = Ca::new("Atlas Test CA");
     let dir = TempDir::new();
     let root = TempDir::new();
     root.write("a.txt", "served");
-    let (cert, key) = ca.leaf(&["localhost"], "localhost", &rcgen::PKCS_ECDSA_P256_SHA256).write(&dir, "default");
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (cert, key) = ca.leaf(&names, "localhost", &rcgen::PKCS_ECDSA_P256_SHA256).write(&dir, "default");
     let cfg = format!(
         "[listen]\naddress = \"127.0.0.1\"\nport = 0\nmode = \"static\"\nworkers = 1\nroot = {:?}\n\n{}\n[timeouts]\nclient_header = \"60s\"\n",
         path_of(root.path()),
@@ -184,4 +191,19 @@ fn a_request_sent_with_the_client_finished_is_served() {
         let r = c.read_response();
         assert_eq!(r.text(), "served", "{ver:?}");
     }
+}
+
+#[test]
+fn a_certificate_too_large_to_write_under_the_permit_still_completes() {
+    // About 16 KiB of names: the server's first flight is over the 8 KiB
+    // that is written while the pacing permit is held.
+    let mut names: Vec<String> = (0..600).map(|i| format!("host-{i:04}.example.test")).collect();
+    names.push("localhost".into());
+    let (atlas, ca, _dir, _root) = start_with_names(&names);
+    let opts = ClientOpts { ca: Some(&ca), ..Default::default() };
+    let t = tls_connect(atlas.addr(), "localhost", &opts).expect("handshake with a long certificate");
+    let cert_len = peer_leaf(&t).len();
+    assert!(cert_len > 12 * 1024, "the certificate is only {cert_len} bytes");
+    let mut c = Client::over(t);
+    assert_eq!(c.get("/a.txt").text(), "served");
 }
