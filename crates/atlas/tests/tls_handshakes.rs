@@ -66,8 +66,7 @@ fn unsent_hello(addr: SocketAddr, cfg: &Arc<ClientConfig>) -> (TcpStream, Client
 }
 
 /// Finishes a handshake whose ClientHello has been sent, then GETs /a.txt.
-fn finish_and_get(tcp: TcpStream, mut conn: ClientConnection) -> Response {
-    let mut tcp = tcp;
+fn finish_and_get(mut tcp: TcpStream, mut conn: ClientConnection) -> Response {
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp).expect("handshake");
     }
