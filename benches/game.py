@@ -19,7 +19,8 @@
    growth per session (VmRSS before and after).
 
 Knobs (environment): RUNS=3 SECS=5 SHAPES=16x64,1000x1 SESSIONS=9000
-PLAYERS=20 CROSSINGS=20 CAP=40 (0: skip the capped runs) ONLY=relay (skip
+PLAYERS=20 CROSSINGS=20 CAP=40 (0: skip the capped runs) ATLAS_B=path (a second
+Atlas build measured beside the first, for A/B) ONLY=relay (skip
 transfers and idle sessions) FLOOR=1 (add `wsload floor`, the cheapest
 possible relay: one epoll thread, one recv and one send per event, no
 framing; its CPU per message is the floor for any user-space proxy here).
@@ -96,6 +97,8 @@ def relay_table(targets, title, shape):
         print(f"{k:8} {rate:>10.0f} {cpu:>11.2f}")
     if "nginx" in med:
         print(f"atlas/nginx: throughput x{med['atlas'][0] / med['nginx'][0]:.2f}, CPU per message x{med['nginx'][1] / med['atlas'][1]:.2f} less")
+    if "atlas-b" in med:
+        print(f"atlas-b/atlas: throughput x{med['atlas-b'][0] / med['atlas'][0]:.2f}, CPU per message x{med['atlas'][1] / med['atlas-b'][1]:.2f} less")
     if "floor" in med and "nginx" in med:
         print(f"floor/nginx: throughput x{med['floor'][0] / med['nginx'][0]:.2f}, CPU per message x{med['nginx'][1] / med['floor'][1]:.2f} less "
               f"(the most any proxy could gain over nginx here)")
@@ -172,6 +175,13 @@ def main():
             n = PROCS.start_on(1, f"{tmp}/nginx.log", [ng, "-p", tmp, "-c", nginx_conf(tmp, 19220, "127.0.0.1:19210")])
             bench.wait_port(19220)
             targets.append(("nginx", 19220, n.pid))
+        if os.environ.get("ATLAS_B"):
+            # A/B: a second Atlas build beside the first, with a server of its own.
+            b = PROCS.start_on(1, f"{tmp}/atlas-b.log", [os.environ["ATLAS_B"], atlas_conf(tmp, 19240, "127.0.0.1:19241", 'predict_horizon = "0s"'), "--takeover-socket", f"{tmp}/tb.sock"])
+            bench.wait_port(19240); bench.wait_port(19241)
+            PROCS.start_on(0, f"{tmp}/echo-c.log", [WSLOAD, "echo", "127.0.0.1:19212", "127.0.0.1:19241", "c", "0"])
+            bench.wait_port(19212); time.sleep(0.3)
+            targets.append(("atlas-b", 19240, b.pid))
         if os.environ.get("FLOOR") == "1":
             # The cheapest possible relay (wsload floor): what any user-space
             # proxy pays at least on this machine, kernel TCP included.
