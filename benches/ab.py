@@ -7,7 +7,8 @@ side, each one worker pinned to CPU 1, in front of the same backend nginx
 Prints the median req/s and proxy CPU µs per request of each, and B's
 change against A.
 
-Usage: scripts/bench-ab A_BIN B_BIN [mode ...]      modes: http tcp static
+Usage: scripts/bench-ab A_BIN B_BIN [mode ...]      modes: http tcp static tls
+(tls: http mode behind TLS 1.3 with an ECDSA P-256 certificate, keep-alive)
 Environment: REPEATS=3 DURATION=4 CONNS=100,500 DRIVER= (io_uring|epoll:
 adds [runtime] driver to both configs), and ENV_A / ENV_B: extra environment
 for A or B, e.g. a temporary switch (ENV_B="NAME=1").
@@ -18,11 +19,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench  # noqa: E402
 
-PORTS = {"http": 18150, "tcp": 18152, "static": 18154}
+PORTS = {"http": 18150, "tcp": 18152, "static": 18154, "tls": 18156}
 
 
-def conf(mode, port, root):
-    text = f'[listen]\naddress = "127.0.0.1"\nport = {port}\nmode = "{mode}"\nworkers = 1\n'
+def conf(mode, port, root, cert=None):
+    text = f'[listen]\naddress = "127.0.0.1"\nport = {port}\nmode = "{"http" if mode == "tls" else mode}"\nworkers = 1\n'
+    if mode == "tls":
+        text += f'[listen.tls]\ncert = "{cert[0]}"\nkey = "{cert[1]}"\n'
     text += f'root = "{root}"\n' if mode == "static" else bench.ATLAS_UPSTREAM
     if os.environ.get("DRIVER"):
         text += f'\n[runtime]\ndriver = "{os.environ["DRIVER"]}"\n'
@@ -36,7 +39,7 @@ def main(argv):
     bins, modes = argv[:2], argv[2:] or ["http"]
     for m in modes:
         if m not in PORTS:
-            raise bench.BenchError(f"unknown mode {m!r}: http, tcp, static")
+            raise bench.BenchError(f"unknown mode {m!r}: http, tcp, static, tls")
     tmp = tempfile.mkdtemp(prefix="atlas-ab-")
     os.chmod(tmp, 0o755)
     cfg = {"tmp": tmp, "load_cpu": "0", "proxy_cpu": "1", "wrk": bench.which("wrk")}
@@ -50,6 +53,7 @@ def main(argv):
     conns = [int(c) for c in bench.env_list("CONNS", "100,500")]
     try:
         backend = bench.start_backend(cfg, procs, 1024)
+        cert = bench.make_cert(cfg) if "tls" in modes else None
         targets = []
         for m in modes:
             for i, (label, path) in enumerate((("A", bins[0]), ("B", bins[1]))):
@@ -57,22 +61,23 @@ def main(argv):
                 name = f"{m}-{label}"
                 cpath = os.path.join(tmp, f"{name}.toml")
                 with open(cpath, "w") as f:
-                    f.write(conf(m, port, root))
+                    f.write(conf(m, port, root, cert))
                 extra = dict(kv.split("=", 1) for kv in os.environ.get(f"ENV_{label}", "").split() if "=" in kv)
                 os.environ.update(extra)
                 p = procs.start(name, ["taskset", "-c", "1", os.path.abspath(path), cpath])
                 for k in extra:
                     os.environ.pop(k, None)
                 targets.append((m, label, port, p))
+        scheme = lambda m: "https" if m == "tls" else "http"
         for m, label, port, p in targets:
-            bench.wait_ready(f"{m}-{label}", port, procs, 1024)
+            bench.wait_ready(f"{m}-{label}", port, procs, 1024, scheme=scheme(m))
         res = {}
         for rep in range(reps):
             for c in conns:
                 for m, label, port, p in targets:
                     time.sleep(0.3)
                     t0 = bench.cpu_ticks(p.pid)[0]
-                    r = bench.parse_wrk(bench.run_wrk(cfg, port, c, secs, latency=False))
+                    r = bench.parse_wrk(bench.run_wrk(cfg, port, c, secs, latency=False, scheme=scheme(m)))
                     t1 = bench.cpu_ticks(p.pid)[0]
                     us = (t1 - t0) / bench.CLK_TCK * 1e6 / max(r["requests"], 1)
                     res.setdefault((m, c, label), []).append((r["rps"], us))

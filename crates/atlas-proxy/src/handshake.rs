@@ -31,21 +31,23 @@
 //! held across a read, so a client that stalls mid-handshake holds no
 //! permit, and the gate gives a slow client attack nothing to use.
 //!
-//! When the handshake is done, the same rustls session becomes a
-//! `monoio_rustls` stream (`Stream::new`). Any data the client sent after its
-//! Finished is already decrypted inside that session, where the stream's
-//! first read finds it. The rest of the data path does not change.
+//! The handshake runs on the same [`TlsStream`] that then carries the
+//! connection's data (rustls's unbuffered API, see `tls_stream`). Any data
+//! the client sent right after its Finished stays in the stream's buffer,
+//! where its first read finds it.
 
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use local_sync::semaphore::Semaphore;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
-use monoio_rustls::ServerTlsStream;
-use rustls::{ServerConfig, ServerConnection};
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
+use rustls::ServerConfig;
 
+use crate::tls_stream::{append_with, encode_needs, stash, take_alert, TlsStream};
 /// Handshakes that may do their CPU work in one pass of a worker's event
 /// loop. The per-handshake cost of the pacing is one driver pass of
 /// latency, not CPU: see benches/RESULTS.md.
@@ -57,67 +59,112 @@ thread_local! {
 
 /// Runs the server side of a TLS handshake on `io`. The caller bounds it with
 /// a timeout. Errors are the client's: a bad or truncated handshake.
-pub async fn accept(config: Arc<ServerConfig>, mut io: TcpStream) -> io::Result<ServerTlsStream<TcpStream>> {
-    let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
+pub async fn accept(config: Arc<ServerConfig>, io: TcpStream) -> io::Result<TlsStream> {
+    let conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
+    let mut s = TlsStream::new(io, conn);
     let gate = GATE.with(Rc::clone);
-    let mut buf = crate::io::take_buf();
     let mut out = Vec::new();
-    let r = drive(&mut conn, &mut io, &gate, &mut buf, &mut out).await;
-    crate::io::give_buf(buf);
-    r?;
-    Ok(ServerTlsStream::new(io, conn))
+    drive(&mut s, &gate, &mut out).await?;
+    Ok(s)
 }
 
-async fn drive(conn: &mut ServerConnection, io: &mut TcpStream, gate: &Semaphore, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> io::Result<()> {
+/// What the handshake waits for next.
+enum Next {
+    /// Write `out` (a flight is complete).
+    Send,
+    /// Read more from the client.
+    Read,
+    /// The handshake is over.
+    Done,
+}
+
+async fn drive(s: &mut TlsStream, gate: &Semaphore, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut fresh = false;
     loop {
-        // The reply to the last flight (and, once done, the session tickets).
-        flush(conn, io, out).await?;
-        if !conn.is_handshaking() {
-            return Ok(());
-        }
-        buf.clear();
-        let (r, b) = io.read(std::mem::take(buf)).await;
-        *buf = b;
-        if r? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed the connection during the TLS handshake"));
-        }
-        let mut rest: &[u8] = buf;
-        while !rest.is_empty() {
-            conn.read_tls(&mut rest)?;
-            let state = match conn.is_handshaking() {
-                true => {
-                    let mut permit = Some(gate.acquire().await.map_err(io::Error::other)?);
-                    let state = conn.process_new_packets();
-                    // Keep the permit until the reply has been handed to the
-                    // kernel: the write completes on the worker's next pass
-                    // through the driver, after the tasks that became ready
-                    // meanwhile (open connections' requests) have run. A
-                    // reply that might not fit a fresh socket's send buffer
-                    // (a long certificate chain) lets go first, so that no
-                    // write the client can stall is made under the permit.
-                    if state.is_ok() {
-                        take_reply(conn, out)?;
-                        if out.len() > HELD_WRITE_MAX {
-                            permit = None;
-                        }
-                        write_out(io, out).await?;
-                    }
-                    drop(permit);
-                    state
+        // New bytes from the client while handshaking: the next step may do
+        // the expensive work (key exchange, signature), so it takes a permit.
+        let mut permit = match fresh && s.conn.is_handshaking() {
+            true => Some(gate.acquire().await.map_err(io::Error::other)?),
+            false => None,
+        };
+        fresh = false;
+        match step(s, out) {
+            Ok(Next::Send) => {
+                // Keep the permit until the reply has been handed to the
+                // kernel: the write completes on the worker's next pass
+                // through the driver, after the tasks that became ready
+                // meanwhile (open connections' requests) have run. A reply
+                // that might not fit a fresh socket's send buffer (a long
+                // certificate chain) lets go first, so that no write the
+                // client can stall is made under the permit.
+                if out.len() > HELD_WRITE_MAX {
+                    permit = None;
                 }
-                false => conn.process_new_packets(),
-            };
-            match state {
-                Ok(s) if s.peer_has_closed() && conn.is_handshaking() => {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client sent close_notify during the TLS handshake"));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    // Send the alert rustls queued, then fail.
-                    let _ = flush(conn, io, out).await;
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-                }
+                write_out(&mut s.io, out).await?;
+                drop(permit);
             }
+            Ok(Next::Read) => {
+                drop(permit);
+                write_out(&mut s.io, out).await?;
+                if crate::io::read_more(&mut s.io, &mut s.incoming, HANDSHAKE_MAX).await? == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed the connection during the TLS handshake"));
+                }
+                fresh = true;
+            }
+            Ok(Next::Done) => {
+                drop(permit);
+                return write_out(&mut s.io, out).await;
+            }
+            Err(e) => {
+                drop(permit);
+                // Send the alert rustls queued, then fail.
+                let _ = write_out(&mut s.io, out).await;
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Largest handshake message run the client may send before it is
+/// processed: a ClientHello with many extensions, a client certificate.
+const HANDSHAKE_MAX: usize = 64 * 1024;
+
+/// Runs rustls on what the client sent until it needs I/O; the bytes to
+/// send are appended to `out`.
+fn step(s: &mut TlsStream, out: &mut Vec<u8>) -> io::Result<Next> {
+    loop {
+        let UnbufferedStatus { discard, state } = s.conn.process_tls_records(&mut s.incoming);
+        let next = match state {
+            Err(e) => {
+                s.incoming.drain(..discard);
+                take_alert(&mut s.conn, out);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                append_with(out, 4096, |b| e.encode(b), encode_needs).map_err(io::Error::other)?;
+                None
+            }
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                // `out` is written before anything else is sent.
+                t.done();
+                Some(Next::Send)
+            }
+            Ok(ConnectionState::BlockedHandshake) => Some(Next::Read),
+            Ok(ConnectionState::WriteTraffic(_)) => Some(Next::Done),
+            // Application data right behind the client's Finished: kept
+            // for the stream's first read.
+            Ok(ConnectionState::ReadTraffic(mut rt)) => {
+                stash(&mut rt, &mut s.plain)?;
+                Some(Next::Done)
+            }
+            Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client sent close_notify during the TLS handshake"));
+            }
+            Ok(other) => return Err(io::Error::other(format!("internal: unexpected TLS state {other:?} during the handshake"))),
+        };
+        s.incoming.drain(..discard);
+        if let Some(next) = next {
+            return Ok(next);
         }
     }
 }
@@ -127,25 +174,12 @@ async fn drive(conn: &mut ServerConnection, io: &mut TcpStream, gate: &Semaphore
 /// not wait for the client to read.
 const HELD_WRITE_MAX: usize = 8 * 1024;
 
-/// Moves everything rustls has to send into `out`.
-fn take_reply(conn: &mut ServerConnection, out: &mut Vec<u8>) -> io::Result<()> {
-    out.clear();
-    while conn.wants_write() {
-        conn.write_tls(out)?;
-    }
-    Ok(())
-}
-
 async fn write_out(io: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
     if out.is_empty() {
         return Ok(());
     }
     let (r, b) = io.write_all(std::mem::take(out)).await;
     *out = b;
+    out.clear();
     r.map(|_| ())
-}
-
-async fn flush(conn: &mut ServerConnection, io: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
-    take_reply(conn, out)?;
-    write_out(io, out).await
 }

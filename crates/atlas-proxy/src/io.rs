@@ -87,7 +87,7 @@ pub async fn read_more<S: AsyncReadRent>(s: &mut S, buf: &mut Vec<u8>, max: usiz
 }
 
 /// Makes sure `buf` has room to read into, growing it up to `max`.
-fn make_room(buf: &mut Vec<u8>, max: usize) -> io::Result<()> {
+pub(crate) fn make_room(buf: &mut Vec<u8>, max: usize) -> io::Result<()> {
     if buf.capacity() - buf.len() < 512 {
         if buf.capacity() >= max {
             return Err(io::Error::new(io::ErrorKind::OutOfMemory, "buffer limit reached"));
@@ -365,8 +365,6 @@ impl ClientStream for monoio::net::TcpStream {
         Ok(())
     }
 }
-
-impl ClientStream for monoio_rustls::ServerTlsStream<monoio::net::TcpStream> {}
 
 #[cfg(test)]
 mod tests {

@@ -20,6 +20,7 @@ pub mod pool;
 pub mod static_files;
 pub mod tcp;
 pub mod tls;
+pub mod tls_stream;
 pub mod upstream;
 
 use std::cell::RefCell;

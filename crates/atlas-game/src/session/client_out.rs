@@ -21,9 +21,9 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use atlas_proxy::io::{shutdown_fd, write_vec};
+use atlas_proxy::tls_stream::TlsStream;
 use monoio::io::{AsyncWriteRent, OwnedWriteHalf};
 use monoio::net::TcpStream;
-use monoio_rustls::ServerTlsStream;
 
 /// Atlas's own frames that may wait for the writer (pings and closes are
 /// rare: more means the client is not reading).
@@ -33,7 +33,7 @@ const OWN_QUEUE: usize = 8;
 /// type parameter).
 pub enum ClientW {
     Plain(OwnedWriteHalf<TcpStream>),
-    Tls(Box<OwnedWriteHalf<ServerTlsStream<TcpStream>>>),
+    Tls(Box<OwnedWriteHalf<TlsStream>>),
 }
 
 impl ClientW {
@@ -63,7 +63,7 @@ impl IntoClientW for OwnedWriteHalf<TcpStream> {
     }
 }
 
-impl IntoClientW for OwnedWriteHalf<ServerTlsStream<TcpStream>> {
+impl IntoClientW for OwnedWriteHalf<TlsStream> {
     fn into_client_w(self) -> ClientW {
         ClientW::Tls(Box::new(self))
     }
