@@ -125,9 +125,9 @@ async fn drive(s: &mut TlsStream, gate: &Semaphore, out: &mut Vec<u8>) -> io::Re
     }
 }
 
-/// Largest handshake message run the client may send before it is
-/// processed: a ClientHello with many extensions, a client certificate.
-const HANDSHAKE_MAX: usize = 64 * 1024;
+/// Most handshake bytes held while a message is incomplete: rustls caps a
+/// handshake message at 64 KiB, which may span several records.
+const HANDSHAKE_MAX: usize = 72 * 1024;
 
 /// Runs rustls on what the client sent until it needs I/O; the bytes to
 /// send are appended to `out`.
