@@ -10,7 +10,8 @@ change against A.
 Usage: scripts/bench-ab A_BIN B_BIN [mode ...]      modes: http tcp static tls
 (tls: http mode behind TLS 1.3 with an ECDSA P-256 certificate, keep-alive)
 Environment: REPEATS=3 DURATION=4 CONNS=100,500 DRIVER= (io_uring|epoll:
-adds [runtime] driver to both configs), and ENV_A / ENV_B: extra environment
+adds [runtime] driver to both configs; DRIVER_A / DRIVER_B: to one side,
+e.g. the same binary twice, one per driver), and ENV_A / ENV_B: extra environment
 for A or B, e.g. a temporary switch (ENV_B="NAME=1").
 """
 import os, shutil, statistics, sys, tempfile, time
@@ -22,13 +23,14 @@ import bench  # noqa: E402
 PORTS = {"http": 18150, "tcp": 18152, "static": 18154, "tls": 18156}
 
 
-def conf(mode, port, root, cert=None):
+def conf(mode, port, root, cert=None, label=""):
     text = f'[listen]\naddress = "127.0.0.1"\nport = {port}\nmode = "{"http" if mode == "tls" else mode}"\nworkers = 1\n'
     if mode == "tls":
         text += f'[listen.tls]\ncert = "{cert[0]}"\nkey = "{cert[1]}"\n'
     text += f'root = "{root}"\n' if mode == "static" else bench.ATLAS_UPSTREAM
-    if os.environ.get("DRIVER"):
-        text += f'\n[runtime]\ndriver = "{os.environ["DRIVER"]}"\n'
+    driver = os.environ.get(f"DRIVER_{label}") or os.environ.get("DRIVER")
+    if driver:
+        text += f'\n[runtime]\ndriver = "{driver}"\n'
     return text
 
 
@@ -61,7 +63,7 @@ def main(argv):
                 name = f"{m}-{label}"
                 cpath = os.path.join(tmp, f"{name}.toml")
                 with open(cpath, "w") as f:
-                    f.write(conf(m, port, root, cert))
+                    f.write(conf(m, port, root, cert, label))
                 extra = dict(kv.split("=", 1) for kv in os.environ.get(f"ENV_{label}", "").split() if "=" in kv)
                 os.environ.update(extra)
                 p = procs.start(name, ["taskset", "-c", "1", os.path.abspath(path), cpath])

@@ -20,6 +20,9 @@ Environment:
   ATLAS_DRIVERS=        e.g. auto,epoll: one Atlas instance per driver; the first
                         is reported as "atlas", the others as "atlas-<driver>"
   BACKEND_WORKERS=1     backend nginx worker processes
+  CAP=0                 >0: every proxy capped to CAP% of a core (a cgroup CPU
+                        quota, 10 ms periods) during the runs, so that each one
+                        saturates instead of waiting for wrk
   PROXY_CPU=1 LOAD_CPU=0  CPUs for the proxies / for wrk + backend
   KEEP_TMP=1            keep the temp dir (configs, error logs) afterwards
   OUT=path.json         where to write the JSON (default benches/out/bench-<ts>.json)
@@ -630,8 +633,44 @@ SCENARIOS = {
 }
 
 
+def cpu_cap(pids, pct):
+    """Puts `pids` in a cgroup limited to pct% of one CPU; returns an undo
+    function, or None when no writable cgroup CPU controller exists."""
+    name = f"atlas-bench-{os.getpid()}"
+    for base, limit in ((f"/sys/fs/cgroup/cpu/{name}", None), (f"/sys/fs/cgroup/{name}", "cpu.max")):
+        try:
+            os.makedirs(base, exist_ok=True)
+            if limit:
+                open(f"{base}/cpu.max", "w").write(f"{pct * 100} 10000")
+            else:
+                open(f"{base}/cpu.cfs_period_us", "w").write("10000")
+                open(f"{base}/cpu.cfs_quota_us", "w").write(str(pct * 100))
+            for pid in pids:
+                open(f"{base}/cgroup.procs", "w").write(str(pid))
+        except OSError:
+            try:
+                os.rmdir(base)
+            except OSError:
+                pass
+            continue
+        def undo(base=base):
+            root = os.path.dirname(base)
+            for pid in pids:
+                try:
+                    open(f"{root}/cgroup.procs", "w").write(str(pid))
+                except OSError:
+                    pass
+            try:
+                os.rmdir(base)
+            except OSError:
+                pass
+        return undo
+    return None
+
+
 def run_scenario(sname, cfg):
     procs = Procs(cfg["tmp"])
+    uncap = None
     try:
         sc = SCENARIOS[sname](cfg, procs)
         # (name, port, Popen[, scheme]) -> (name, port, Popen, scheme)
@@ -646,6 +685,12 @@ def run_scenario(sname, cfg):
                 log(f"[{sname}] warm-up {name} ({cfg['warmup']}s, c={max(cfg['conns'])})")
                 run_wrk(cfg, port, max(cfg["conns"]), cfg["warmup"], latency=False, scheme=scheme, path=path)
         procs.check_alive()
+        if cfg["cap"] > 0:
+            pids = [p for _, _, proc, _ in targets for p in cpu_ticks(proc.pid)[1]]
+            uncap = cpu_cap(pids, cfg["cap"])
+            if uncap is None:
+                raise BenchError("CAP set but no writable cgroup CPU controller")
+            log(f"[{sname}] proxies capped to {cfg['cap']}% of a core (pids {sorted(pids)})")
 
         runs = []
         for rep in range(1, cfg["repeats"] + 1):
@@ -690,6 +735,8 @@ def run_scenario(sname, cfg):
                 log(f"--- {f}:\n{tail(os.path.join(cfg['tmp'], f), 8)}")
         raise
     finally:
+        if uncap:
+            uncap()
         procs.stop_all()
 
 
@@ -873,6 +920,7 @@ def main(argv):
         "duration": env_int("DURATION", 5),
         "repeats": env_int("REPEATS", 3),
         "warmup": env_int("WARMUP", 1),
+        "cap": env_int("CAP", 0),
         "conns": [int(c) for c in env_list("CONNS", "100,500")],
         "proxies": env_list("PROXIES", "atlas,nginx,haproxy"),
         "proxy_cpu": os.environ.get("PROXY_CPU", "1" if ncpu > 1 else "0"),

@@ -50,40 +50,6 @@ def rss_kib(pid):
             return int(line.split()[1])
     return 0
 
-def cpu_cap(pids, pct):
-    """Puts `pids` in a cgroup limited to pct% of one CPU; returns an undo
-    function, or None when no writable cgroup CPU controller exists."""
-    name = f"atlas-bench-{os.getpid()}"
-    for base, limit in ((f"/sys/fs/cgroup/cpu/{name}", None), (f"/sys/fs/cgroup/{name}", "cpu.max")):
-        try:
-            os.makedirs(base, exist_ok=True)
-            if limit:
-                open(f"{base}/cpu.max", "w").write(f"{pct * 100} 10000")
-            else:
-                open(f"{base}/cpu.cfs_period_us", "w").write("10000")
-                open(f"{base}/cpu.cfs_quota_us", "w").write(str(pct * 100))
-            for pid in pids:
-                open(f"{base}/cgroup.procs", "w").write(str(pid))
-        except OSError:
-            try:
-                os.rmdir(base)
-            except OSError:
-                pass
-            continue
-        def undo(base=base):
-            root = os.path.dirname(base)
-            for pid in pids:
-                try:
-                    open(f"{root}/cgroup.procs", "w").write(str(pid))
-                except OSError:
-                    pass
-            try:
-                os.rmdir(base)
-            except OSError:
-                pass
-        return undo
-    return None
-
 def relay_table(targets, title, shape):
     res = {name: [] for name, _, _ in targets}
     for r in range(RUNS):
@@ -192,7 +158,7 @@ def main():
             title = f"WebSocket relay, 64-byte messages, {shape[0]} connections x window {shape[1]}, {SECS:.0f} s x {RUNS} runs (medians)"
             relay_table(targets, title, shape)
             if CAP > 0:
-                undo = cpu_cap([pid for _, _, pid in targets], CAP)
+                undo = bench.cpu_cap([pid for _, _, pid in targets], CAP)
                 if undo is None:
                     print("\n(no writable cgroup CPU controller: capped runs skipped)")
                 else:
