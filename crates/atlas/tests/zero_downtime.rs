@@ -6,8 +6,10 @@
 //! harness.
 
 mod common;
+#[path = "support/tls.rs"]
+mod tls_support;
 
-use std::io::ErrorKind;
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -128,11 +130,26 @@ impl Load {
     }
 }
 
+/// How a load thread opens a connection: plain TCP, or TLS (any certificate).
+fn plain(addr: SocketAddr) -> io::Result<Client> {
+    Client::try_connect(addr, Duration::from_secs(2))
+}
+
+fn over_tls(addr: SocketAddr) -> io::Result<Client<tls_support::Tls>> {
+    tls_support::tls_connect(addr, "localhost", &tls_support::ClientOpts::default()).map(Client::over)
+}
+
 /// Client thread `id`: alternates a keep-alive connection (up to 20
 /// requests, reconnecting when the server says `Connection: close`) and 5
-/// requests on fresh connections. Every answer must be 200 with body
-/// `ok <path>`. Stops on `load.stop` or after `max` (bounded).
-fn load_thread(addr: SocketAddr, id: usize, load: Arc<Load>, max: Duration) -> JoinHandle<()> {
+/// requests on fresh connections, each opened with `open`. Every answer must
+/// be 200 with body `ok <path>`. Stops on `load.stop` or after `max` (bounded).
+fn load_thread<S: Read + Write + 'static>(
+    open: fn(SocketAddr) -> io::Result<Client<S>>,
+    addr: SocketAddr,
+    id: usize,
+    load: Arc<Load>,
+    max: Duration,
+) -> JoinHandle<()> {
     thread::spawn(move || {
         let deadline = Instant::now() + max;
         let mut n = 0usize;
@@ -145,8 +162,8 @@ fn load_thread(addr: SocketAddr, id: usize, load: Arc<Load>, max: Duration) -> J
                 load.fail(format!("t{id} {how} GET {path} at {:?}: got {} {:?}", started.elapsed(), r.status, r.text()));
             }
         };
-        let connect = |load: &Load, how: &str| -> Option<Client> {
-            match Client::try_connect(addr, Duration::from_secs(2)) {
+        let connect = |load: &Load, how: &str| -> Option<Client<S>> {
+            match open(addr) {
                 Ok(c) => {
                     load.conns.fetch_add(1, Ordering::SeqCst);
                     Some(c)
@@ -637,11 +654,29 @@ fn drain_timeout_exits_zero() {
 #[test]
 fn takeover_under_load_three_times_zero_failures() {
     let backend = echo_backend();
-    let config = cfg(&[backend.addr], "[runtime]\ndrain_timeout = \"5s\"\n");
+    takeover_three_times_under_load(&cfg(&[backend.addr], "[runtime]\ndrain_timeout = \"5s\"\n"), plain);
+}
+
+/// The same over TLS: handshakes and keep-alive TLS connections through
+/// three takeovers, nothing refused and no request failed.
+#[test]
+fn takeover_under_tls_load_three_times_zero_failures() {
+    let backend = echo_backend();
+    let ca = tls_support::Ca::new("Atlas Test CA");
+    let dir = TempDir::new();
+    let (cert, key) = ca.leaf(&["localhost"], "localhost", &rcgen::PKCS_ECDSA_P256_SHA256).write(&dir, "default");
+    let config = tls_support::tls_config("http", &[backend.addr], &tls_support::tls_section(&cert, &key, &[]), "[runtime]\ndrain_timeout = \"5s\"\n");
+    takeover_three_times_under_load(&config, over_tls);
+}
+
+/// Three takeovers in a row while 3 load threads (see [`load_thread`]) run
+/// against the listener: no refused connection, no failed request.
+fn takeover_three_times_under_load<S: Read + Write + 'static>(config: &str, open: fn(SocketAddr) -> io::Result<Client<S>>) {
+    let config = config.to_string();
     let mut current = Atlas::start(&config);
     let addr = current.addr();
     let load = Arc::new(Load::default());
-    let threads: Vec<_> = (0..3).map(|i| load_thread(addr, i, load.clone(), Duration::from_secs(20))).collect();
+    let threads: Vec<_> = (0..3).map(|i| load_thread(open, addr, i, load.clone(), Duration::from_secs(20))).collect();
     thread::sleep(Duration::from_millis(400));
     let mut old_ones = Vec::new();
     let mut report = Vec::new();
@@ -676,7 +711,8 @@ fn takeover_under_load_three_times_zero_failures() {
     assert_eq!(load.failed.load(Ordering::SeqCst), 0, "failed requests: {}", load.report());
     assert!(load.ok.load(Ordering::SeqCst) > 300, "too little traffic to mean anything: {}", load.report());
     assert!(current.is_running());
-    assert_eq!(body(addr, "/final"), "ok /final");
+    let mut last = open(addr).expect("connect after the takeovers");
+    assert_eq!(last.get("/final").text(), "ok /final");
 }
 
 #[test]
@@ -744,7 +780,7 @@ fn takeover_with_changed_listeners() {
     assert_eq!(body(b_addr, "/b"), "ok /b");
 
     let load = Arc::new(Load::default());
-    let threads: Vec<_> = (0..2).map(|i| load_thread(a_addr, i, load.clone(), Duration::from_secs(15))).collect();
+    let threads: Vec<_> = (0..2).map(|i| load_thread(plain, a_addr, i, load.clone(), Duration::from_secs(15))).collect();
     thread::sleep(Duration::from_millis(300));
     let v2 = Atlas::start_takeover(&v1, &c2, 2);
     let (a2, c_addr) = (v2.listeners[0], v2.listeners[1]);
