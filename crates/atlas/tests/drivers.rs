@@ -1,9 +1,11 @@
 //! The same data paths on both I/O drivers: `auto` normally picks io_uring,
 //! so without these the epoll driver would go untested. Each run checks the
 //! log line naming the driver, keep-alive reuse, a streamed body both ways,
-//! and TCP mode with half-close.
+//! the same over TLS, and TCP mode with half-close.
 
 mod common;
+#[path = "support/tls.rs"]
+mod tls_support;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -24,6 +26,20 @@ fn exercise(driver: &str) {
     let body = pattern(3 << 20, 9);
     let r = c.request([format!("PUT /big HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(), &body[..]].concat());
     assert_eq!(r.text(), format!("PUT /big {}", body.len()));
+
+    // The same over TLS: the TLS stream's reads and writes on this driver.
+    let ca = tls_support::Ca::new("Atlas Test CA");
+    let dir = TempDir::new();
+    let (cert, key) = ca.leaf(&["localhost"], "localhost", &rcgen::PKCS_ECDSA_P256_SHA256).write(&dir, "default");
+    let tls_section = tls_support::tls_section(&cert, &key, &[]);
+    let tls = Atlas::start(&tls_support::tls_config("http", &[be.addr], &tls_section, &format!("[runtime]\ndriver = \"{driver}\"\n")));
+    let opts = tls_support::ClientOpts { ca: Some(&ca), ..Default::default() };
+    let mut t = Client::over(tls_support::tls_connect(tls.addr(), "localhost", &opts).expect("TLS handshake"));
+    for i in 0..5 {
+        assert_eq!(t.get(&format!("/t{i}")).text(), format!("GET /t{i} 0"), "over TLS on {driver}");
+    }
+    let r = t.request([format!("PUT /big-tls HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(), &body[..]].concat());
+    assert_eq!(r.text(), format!("PUT /big-tls {}", body.len()), "3 MiB body over TLS on {driver}");
 
     // TCP mode with half-close on the same driver.
     let echo_be = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
