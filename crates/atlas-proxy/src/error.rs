@@ -35,12 +35,18 @@ impl ProxyError {
     pub fn io(side: Side, retry_safe: bool, what: &'static str, e: io::Error) -> Self {
         ProxyError { side, retry_safe, what, source: Some(e) }
     }
+    /// The client went away (closed, reset): nothing can be answered.
+    pub fn client_gone(&self) -> bool {
+        self.side == Side::Client && (self.source.is_some() || self.what.contains("closed"))
+    }
+
     /// Status for the client when nothing has been sent to it yet.
     pub fn status(&self) -> u16 {
         match (self.side, self.what) {
             (Side::Upstream, w) if w.contains("timed out") => 504,
             (Side::Upstream, _) => 502,
             (Side::Client, w) if w.contains("too large") => 413,
+            (Side::Client, w) if w.contains("timed out") => 408,
             (Side::Config, _) => 503,
             (Side::Client, _) => 400,
             (Side::Internal, _) => 500,

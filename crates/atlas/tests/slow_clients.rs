@@ -57,3 +57,17 @@ fn many_slow_header_and_slow_body_clients_are_cut_while_a_normal_client_is_serve
     assert!(start.elapsed() < Duration::from_secs(8));
     assert!(be.requests().iter().all(|r| r.target.starts_with("/normal") || r.method == "POST"), "slow headers must never reach the backend");
 }
+
+#[test]
+fn a_body_that_stops_coming_is_answered_408() {
+    let be = Backend::echo_path();
+    let atlas = Atlas::start(&http_config(&[be.addr], "[timeouts]\nclient_body = \"300ms\"\n"));
+    let mut c = Client::connect(atlas.addr());
+    let t = Instant::now();
+    c.send("POST /stalled HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc");
+    let r = c.read_response();
+    assert_eq!(r.status, 408, "got\n{}", r.head);
+    assert!(r.has_token("connection", "close"), "{}", r.head);
+    assert!(t.elapsed() < Duration::from_secs(2), "answered after {:?} (client_body is 300 ms)", t.elapsed());
+    assert!(c.is_closed(Duration::from_secs(2)), "the connection must close after a stalled body");
+}

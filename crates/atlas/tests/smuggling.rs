@@ -114,6 +114,27 @@ fn chunk_extensions_abuse() {
     refused(&format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3;{long}\r\nabc\r\n0\r\n\r\n"), 400);
 }
 
+/// The same abuse arriving after the head and a first chunk have already
+/// gone upstream: the client still gets a 400 (not a silent close), the
+/// connection closes, and the marker behind it never reaches the backend.
+#[test]
+fn chunk_extensions_abuse_after_the_head_has_gone_upstream() {
+    let be = Backend::echo_path();
+    let atlas = Atlas::start(&http_config(&[be.addr], ""));
+    let mut c = Client::connect(atlas.addr());
+    c.send("POST /late HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n");
+    // Let Atlas forward the head and the first chunk.
+    assert!(wait_until(Duration::from_secs(2), || !be.raw_bytes().is_empty()), "the head never reached the backend");
+    let _ = c.try_send(format!("3;{}\r\nabc\r\n0\r\n\r\n{MARKER}", "a".repeat(5000)).as_bytes());
+    let r = c.read_response();
+    assert_eq!(r.status, 400, "got\n{}", r.head);
+    assert!(r.has_token("connection", "close"), "{}", r.head);
+    assert!(c.is_closed(Duration::from_secs(2)), "the connection must close after a refused body");
+    std::thread::sleep(Duration::from_millis(100));
+    let seen = be.raw_bytes();
+    assert!(!String::from_utf8_lossy(&seen).contains("/marker"), "the marker reached the backend: {}", show(&seen));
+}
+
 #[test]
 fn chunk_extension_with_quoted_string_is_forwarded_as_framed() {
     normalised("POST /ext HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3;name=\"v;x\"\r\nabc\r\n0\r\n\r\n", "/ext", b"abc");

@@ -451,7 +451,18 @@ async fn exchange<'c, S: ClientStream>(ctx: &'c ListenerCtx, client: &mut S, pee
             }
             Err(e) if e.side == Side::Client => {
                 tracing::debug!(%peer, error = %e, "client failed during the request");
-                return Step::Close;
+                if e.client_gone() {
+                    return Step::Close;
+                }
+                // Nothing of a response has reached the client: say why,
+                // then close (the upstream connection, which got part of
+                // the request, is dropped). A malformed chunked body is
+                // 400 and counted with the framing attacks; a body that
+                // stopped coming is 408.
+                if e.status() == 400 {
+                    o.reject = Some(Reject::Smuggling);
+                }
+                return reply(client, b, o, e.status(), e.what, false, info.is_head).await;
             }
             Err(e) => {
                 up.failed(c.idx, ctx.worker);
