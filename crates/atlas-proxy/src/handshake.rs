@@ -48,6 +48,7 @@ use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 use rustls::ServerConfig;
 
 use crate::tls_stream::{append_with, encode_needs, stash, take_alert, TlsStream};
+
 /// Handshakes that may do their CPU work in one pass of a worker's event
 /// loop. The per-handshake cost of the pacing is one driver pass of
 /// latency, not CPU: see benches/RESULTS.md.

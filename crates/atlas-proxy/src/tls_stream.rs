@@ -1,22 +1,25 @@
 //! The server side of a TLS connection after its handshake: a monoio stream
 //! on rustls's unbuffered API, used for every client that speaks TLS.
 //!
-//! Written here instead of taking `monoio_rustls::ServerTlsStream` because
-//! of what that stream costs per request (measured in benches/RESULTS.md,
-//! "TLS overhead at saturation"): it reads the socket into a 16 KiB buffer
-//! of its own, copies that into rustls's deframer, and on the way out lets
-//! rustls allocate a buffer per record and copies the records into a second
-//! 16 KiB buffer before the send. Here the socket is read straight into
-//! `incoming`, where rustls deframes and decrypts in place, and plaintext is
-//! encrypted straight into `wbuf`, the buffer the send takes. Two copies and
-//! an allocation per direction fewer, and 32 KiB less held per connection.
+//! Written here instead of taking `monoio_rustls::ServerTlsStream`, which
+//! reads the socket into a 16 KiB buffer of its own and copies that into
+//! rustls's deframer, and on the way out copies rustls's encrypted records
+//! into a second 16 KiB buffer before the send; and whose idle read cannot
+//! be canceled by a drain without dropping the read (and what it had read).
+//! Here the socket is read straight into `incoming`, where rustls deframes
+//! and decrypts, and records are encrypted into `wbuf`, the buffer the send
+//! takes. Measured (benches/RESULTS.md, "TLS on rustls's unbuffered API"):
+//! CPU per request unchanged, because rustls 0.23 still allocates and
+//! copies each record inside; 45.4 -> 38.9 KiB per idle TLS connection.
 //!
 //! Reads and writes may run at once from the two halves of a split stream
 //! (the game relay writes to a client while it reads from it), as with any
 //! monoio `Split` stream: each side touches the rustls session only between
-//! its awaits, never across one. TLS bytes that reading produces (a reply to
-//! the client's key update, an alert) wait in `pending` and go out in front
-//! of the next write, which is what TLS 1.3 asks of a key update reply.
+//! its awaits, never across one. TLS bytes that reading produces (an alert
+//! after a bad record) wait in `pending` and go out in front of the next
+//! write, or at once when no write is in flight. (A reply to the client's
+//! key update is queued by rustls itself in front of the next record it
+//! encrypts.)
 //!
 //! Decrypted bytes that do not fit the caller's buffer wait in `plain`.
 
