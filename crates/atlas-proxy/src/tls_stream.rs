@@ -166,11 +166,6 @@ impl TlsStream {
         }
     }
 
-    /// The protocol ALPN chose, if any.
-    pub fn alpn_protocol(&self) -> Option<&[u8]> {
-        self.conn.alpn_protocol()
-    }
-
     /// Drops the first `n` processed bytes of `incoming`, and lets go of a
     /// large buffer once it is empty (an idle connection then holds little).
     fn discard(&mut self, n: usize) {
