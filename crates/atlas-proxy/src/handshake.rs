@@ -41,7 +41,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use local_sync::semaphore::Semaphore;
-use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
@@ -137,7 +136,7 @@ fn step(s: &mut TlsStream, out: &mut Vec<u8>) -> io::Result<Next> {
         let UnbufferedStatus { discard, state } = s.conn.process_tls_records(&mut s.incoming);
         let next = match state {
             Err(e) => {
-                s.incoming.drain(..discard);
+                s.discard(discard);
                 take_alert(&mut s.conn, out);
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
@@ -163,7 +162,7 @@ fn step(s: &mut TlsStream, out: &mut Vec<u8>) -> io::Result<Next> {
             }
             Ok(other) => return Err(io::Error::other(format!("internal: unexpected TLS state {other:?} during the handshake"))),
         };
-        s.incoming.drain(..discard);
+        s.discard(discard);
         if let Some(next) = next {
             return Ok(next);
         }
@@ -176,11 +175,7 @@ fn step(s: &mut TlsStream, out: &mut Vec<u8>) -> io::Result<Next> {
 const HELD_WRITE_MAX: usize = 8 * 1024;
 
 async fn write_out(io: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    let (r, b) = io.write_all(std::mem::take(out)).await;
-    *out = b;
+    let r = crate::io::write_vec(io, out).await;
     out.clear();
-    r.map(|_| ())
+    r
 }

@@ -168,7 +168,7 @@ impl TlsStream {
 
     /// Drops the first `n` processed bytes of `incoming`, and lets go of a
     /// large buffer once it is empty (an idle connection then holds little).
-    fn discard(&mut self, n: usize) {
+    pub(crate) fn discard(&mut self, n: usize) {
         if n == 0 {
             return;
         }
