@@ -11,8 +11,10 @@ Usage: scripts/bench-ab A_BIN B_BIN [mode ...]      modes: http tcp static tls
 (tls: http mode behind TLS 1.3 with an ECDSA P-256 certificate, keep-alive)
 Environment: REPEATS=3 DURATION=4 CONNS=100,500 DRIVER= (io_uring|epoll:
 adds [runtime] driver to both configs; DRIVER_A / DRIVER_B: to one side,
-e.g. the same binary twice, one per driver), and ENV_A / ENV_B: extra environment
-for A or B, e.g. a temporary switch (ENV_B="NAME=1").
+e.g. the same binary twice, one per driver), ENV_A / ENV_B: extra environment
+for A or B, e.g. a temporary switch (ENV_B="NAME=1"), and CAP=N: both builds
+capped to N% of CPU 1 (a cgroup quota), so that each saturates and the
+figure is not shaped by how far wrk keeps it busy.
 """
 import os, shutil, statistics, sys, tempfile, time
 
@@ -53,6 +55,7 @@ def main(argv):
         f.write(b"0123456789abcdef" * 64)
     reps, secs = bench.env_int("REPEATS", 3), bench.env_int("DURATION", 4)
     conns = [int(c) for c in bench.env_list("CONNS", "100,500")]
+    cleanups = []
     try:
         backend = bench.start_backend(cfg, procs, 1024)
         cert = bench.make_cert(cfg) if "tls" in modes else None
@@ -73,6 +76,12 @@ def main(argv):
         scheme = lambda m: "https" if m == "tls" else "http"
         for m, label, port, p in targets:
             bench.wait_ready(f"{m}-{label}", port, procs, 1024, scheme=scheme(m))
+        cap = bench.env_int("CAP", 0)
+        if cap > 0:
+            uncap = bench.cpu_cap([q for *_, p in targets for q in bench.cpu_ticks(p.pid)[1]], cap)
+            if uncap is None:
+                raise bench.BenchError("CAP set but no writable cgroup CPU controller")
+            cleanups.append(uncap)
         res = {}
         for rep in range(reps):
             for c in conns:
@@ -94,6 +103,8 @@ def main(argv):
                       f"B {min(x[1] for x in b):.2f}-{max(x[1] for x in b):.2f})")
         return 0
     finally:
+        for undo in cleanups:
+            undo()
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -301,3 +301,18 @@ fn status_of_a_sent_head() {
     assert_eq!(head_status(b""), None);
     assert_eq!(head_status(b"garbage here"), None);
 }
+
+#[test]
+fn addresses_and_numbers_are_written_as_display_would() {
+    for ip in ["127.0.0.1", "0.0.0.0", "255.255.255.255", "10.20.3.4", "::1", "2001:db8::8a2e:370:7334", "::ffff:1.2.3.4"] {
+        let ip: IpAddr = ip.parse().unwrap();
+        let mut out = Vec::new();
+        push_ip(&mut out, ip);
+        assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+    }
+    for n in [0u64, 7, 10, 1024, u64::MAX] {
+        let mut out = b"x".to_vec();
+        push_u64(&mut out, n);
+        assert_eq!(out, format!("x{n}").into_bytes());
+    }
+}

@@ -10,8 +10,8 @@
 
 pub mod fs;
 
+use std::borrow::Cow;
 use std::cell::RefCell;
-use std::io::Write;
 use std::rc::Rc;
 use std::time::SystemTime;
 
@@ -56,16 +56,9 @@ pub enum Method {
 
 /// Parses a request head for a static response. `Ok(None)`: incomplete.
 pub fn parse(buf: &[u8], max_headers: usize) -> Result<Option<StaticReq>, HeadError> {
-    let mut stack = [httparse::EMPTY_HEADER; 128];
-    let mut heap;
-    let headers: &mut [httparse::Header<'_>] = if max_headers <= stack.len() {
-        &mut stack[..max_headers]
-    } else {
-        heap = vec![httparse::EMPTY_HEADER; max_headers];
-        &mut heap
-    };
-    let mut req = httparse::Request::new(headers);
-    let head_len = match req.parse(buf) {
+    let mut slots = codec::HeaderSlots::new();
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, slots.get(max_headers)) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
@@ -219,13 +212,13 @@ pub async fn respond<S: ClientStream>(site: &StaticSite, client: &mut S, req: &S
         let _ = write_vec(client, out).await;
         return false;
     }
-    let raw = match &site.strip_prefix {
+    let raw: Cow<'_, str> = match &site.strip_prefix {
         Some(p) => match req.target.strip_prefix(p.as_str()) {
-            Some(rest) if rest.starts_with('/') => rest.to_string(),
-            Some(rest) => format!("/{rest}"),
-            None => req.target.clone(),
+            Some(rest) if rest.starts_with('/') => Cow::Borrowed(rest),
+            Some(rest) => Cow::Owned(format!("/{rest}")),
+            None => Cow::Borrowed(&req.target),
         },
-        None => req.target.clone(),
+        None => Cow::Borrowed(&req.target),
     };
     let (rel, slash) = match fs::decode_path(&raw) {
         Ok(x) => x,
@@ -239,14 +232,13 @@ pub async fn respond<S: ClientStream>(site: &StaticSite, client: &mut S, req: &S
             return write_vec(client, out).await.is_ok() && req.keep_alive;
         }
     };
-    let key = format!("{}\0{}\0{}", site.id, rel, slash as u8);
-    let fresh = site.cache.borrow().fresh(&key, site.settings.revalidate);
+    let fresh = site.cache.borrow_mut().fresh(site.id, &rel, slash, site.settings.revalidate);
     let body = match fresh {
         Some(c) => Body::Cached(c),
         None => match fs::open(&site.root, &rel, slash, &site.settings.index) {
             Ok(mut opened) => {
                 let mut cache = site.cache.borrow_mut();
-                match cache.matching(&key, &opened).or_else(|| cache.load(&key, &mut opened)) {
+                match cache.matching(site.id, &rel, slash, &opened).or_else(|| cache.load(site.id, &rel, slash, &mut opened)) {
                     Some(c) => Body::Cached(c),
                     None => Body::File(opened),
                 }
@@ -316,7 +308,9 @@ pub async fn respond<S: ClientStream>(site: &StaticSite, client: &mut S, req: &S
     let (start, len) = match range {
         RangeReq::Full => {
             status_line(out, "200 OK");
-            let _ = write!(out, "Content-Length: {size}\r\n");
+            out.extend_from_slice(b"Content-Length: ");
+            codec::push_u64(out, size);
+            out.extend_from_slice(b"\r\n");
             (0, size)
         }
         RangeReq::Part(a, b) => {
