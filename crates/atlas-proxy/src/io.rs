@@ -312,14 +312,11 @@ pub trait ClientStream: AsyncReadRent + AsyncWriteRent + Split + Sized + 'static
 
 impl ClientStream for monoio::net::TcpStream {
     async fn read_idle(&mut self, buf: &mut Vec<u8>, max: usize, drain: &crate::drain::Drain) -> io::Result<usize> {
-        use monoio::io::{CancelableAsyncReadRent, Canceller};
-        if drain.is_draining() {
+        use monoio::io::CancelableAsyncReadRent;
+        let Some(handle) = drain.cancel_handle() else {
             return Ok(0);
-        }
+        };
         make_room(buf, max)?;
-        let canceller = Canceller::new();
-        let handle = canceller.handle();
-        let _registration = drain.register(canceller);
         let owned = std::mem::take(buf);
         let (len, cap) = (owned.len(), owned.capacity());
         let (res, slice) = self.cancelable_read(owned.slice_mut(len..cap), handle).await;

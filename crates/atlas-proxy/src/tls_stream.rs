@@ -405,10 +405,10 @@ impl crate::io::ClientStream for TlsStream {
     /// cancelable read of the socket, so a drain loses no request that
     /// raced it.
     async fn read_idle(&mut self, buf: &mut Vec<u8>, max: usize, drain: &crate::drain::Drain) -> io::Result<usize> {
-        use monoio::io::{CancelableAsyncReadRent, Canceller};
-        if drain.is_draining() {
+        use monoio::io::CancelableAsyncReadRent;
+        let Some(handle) = drain.cancel_handle() else {
             return Ok(0);
-        }
+        };
         crate::io::make_room(buf, max)?;
         // Plaintext or records already here need no wait.
         if let Some(n) = self.read_now(&mut spare(buf))? {
@@ -416,9 +416,6 @@ impl crate::io::ClientStream for TlsStream {
             unsafe { buf.set_len(buf.len() + n) };
             return Ok(n);
         }
-        let canceller = Canceller::new();
-        let handle = canceller.handle();
-        let _registration = drain.register(canceller);
         crate::io::make_room(&mut self.incoming, INCOMING_MAX)?;
         let owned = std::mem::take(&mut self.incoming);
         let (len, cap) = (owned.len(), owned.capacity());

@@ -27,7 +27,6 @@ use atlas_proxy::static_files::fs::{FileCache, Root};
 use atlas_proxy::static_files::StaticSite;
 use atlas_proxy::upstream::Passive;
 use atlas_proxy::{ListenerCtx, Skim, Target, Upstreams};
-use monoio::io::Canceller;
 use monoio::net::{TcpListener, TcpStream};
 
 use crate::{BoundListener, ChosenDriver, Shared};
@@ -259,14 +258,10 @@ async fn accept_loop(mut ctx: Rc<ListenerCtx>, listener: TcpListener) {
     // and the worker must not exit before that connection is served.
     let _loop_hold = drain.hold();
     loop {
-        if drain.is_draining() {
+        let Some(handle) = drain.cancel_handle() else {
             break;
-        }
-        let canceller = Canceller::new();
-        let handle = canceller.handle();
-        let registration = drain.register(canceller);
+        };
         let accepted = listener.cancelable_accept(handle).await;
-        drop(registration);
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(_) if drain.is_draining() => break,
