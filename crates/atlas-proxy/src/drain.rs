@@ -4,9 +4,10 @@
 //!
 //! Everything here is thread-local (one worker = one thread): no lock and no
 //! atomic on the per-request path. Waits use monoio's cancelable operations
-//! where the stream has them (accept, plain TCP reads), so a connection (or
-//! a request) that arrives at the very moment of the drain is still
-//! delivered and served rather than lost with a dropped operation.
+//! (accept, the idle keep-alive read of plain and TLS connections), all
+//! tied to one canceller per worker, so a connection (or a request) that
+//! arrives at the very moment of the drain is still delivered and served
+//! rather than lost with a dropped operation.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -17,8 +18,8 @@ use std::task::{Context, Poll, Waker};
 
 use monoio::io::{CancelHandle, Canceller};
 
-/// Slots reused through a free list: O(1) insert and remove, so the
-/// per-request registration of an idle wait costs no hashing or scanning.
+/// Slots reused through a free list: O(1) insert and remove, so registering
+/// a waiter for the drain's start costs no hashing or scanning.
 struct Slab<T> {
     slots: Vec<Option<T>>,
     free: Vec<usize>,
@@ -83,8 +84,8 @@ struct Inner {
     /// One canceller for every wait of this worker (idle keep-alive reads,
     /// accepts): operations associate with it and leave it as they finish.
     /// One per worker rather than one per wait, because monoio's
-    /// `Canceller::new` allocates an `Rc` and a `HashSet` each time, which
-    /// was about 13 % of a keep-alive static request's instructions.
+    /// `Canceller::new` allocates an `Rc` and a `HashSet` each time: about
+    /// 8 % of a keep-alive static request's instructions (benches/RESULTS.md).
     /// `None` once the drain has fired it.
     canceller: RefCell<Option<Canceller>>,
     /// Client connections open on this worker.
