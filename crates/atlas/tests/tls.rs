@@ -398,9 +398,16 @@ fn certificates_are_reloaded_without_restart() {
     // The connection from before the swap still works.
     assert_eq!(before.get("/before-again").text(), "/before-again", "a connection established before the reload must keep working");
 
-    // A broken replacement keeps the current certificate ...
+    // A broken replacement keeps the current certificate: the reloader
+    // must have tried it and said so (a fixed sleep would let this pass
+    // before any reload attempt) ...
+    let rejected = atlas.count_log("TLS certificate reload failed");
     replace_file(&cert, "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n");
-    thread::sleep(Duration::from_millis(1600));
+    assert!(
+        atlas.wait_log("TLS certificate reload failed", rejected + 1, Duration::from_secs(5)),
+        "the broken certificate file was not tried and refused within 5 s:\n{}",
+        atlas.logs()
+    );
     let t = tls_connect(addr, "localhost", &verified).expect("handshake after a broken certificate file was written");
     assert!(peer_leaf(&t) == v2.der, "a broken certificate file must leave the previous certificate in place");
     // ... and a good one afterwards is picked up again.
