@@ -20,10 +20,12 @@
 
 Knobs (environment): RUNS=3 SECS=5 SHAPES=16x64,1000x1 SESSIONS=9000
 PLAYERS=20 CROSSINGS=20 CAP=40 (0: skip the capped runs) ATLAS_B=path (a second
-Atlas build measured beside the first, for A/B) ONLY=relay (skip
+Atlas build measured beside the first, for A/B; DRIVER_A / DRIVER_B =
+io_uring|epoll: that side's [runtime] driver) ONLY=relay (skip
 transfers and idle sessions) FLOOR=1 (add `wsload floor`, the cheapest
 possible relay: one epoll thread, one recv and one send per event, no
-framing; its CPU per message is the floor for any user-space proxy here).
+framing; its CPU per message is the floor for any user-space proxy here;
+FLOOR=2 adds the same floor with a 16 KiB buffer per socket as well).
 """
 import os, re, shutil, subprocess, sys, tempfile, time, statistics, urllib.request
 
@@ -89,10 +91,12 @@ def quantile(text, name, q, before=""):
             return prev_le + (le - prev_le) * ((want - prev_n) / max(n - prev_n, 1))
         prev_le, prev_n = le, n
 
-def atlas_conf(tmp, port, api, extra=""):
+def atlas_conf(tmp, port, api, extra="", label="A"):
     path = os.path.join(tmp, f"atlas-{port}.toml")
+    driver = os.environ.get(f"DRIVER_{label}")
+    runtime = f'[runtime]\ndriver = "{driver}"\n' if driver else ""
     open(path, "w").write(f'[listen]\naddress = "127.0.0.1:{port}"\nmode = "game"\nworkers = 1\n[limits]\nmax_connections = 0\n'
-                          f'[api]\naddress = "{api}"\n[spatial]\nhysteresis = 5.0\n{extra}\n')
+                          f'[api]\naddress = "{api}"\n[spatial]\nhysteresis = 5.0\n{extra}\n{runtime}')
     return path
 
 def nginx_conf(tmp, port, backend):
@@ -143,17 +147,23 @@ def main():
             targets.append(("nginx", 19220, n.pid))
         if os.environ.get("ATLAS_B"):
             # A/B: a second Atlas build beside the first, with a server of its own.
-            b = PROCS.start_on(1, f"{tmp}/atlas-b.log", [os.environ["ATLAS_B"], atlas_conf(tmp, 19240, "127.0.0.1:19241", 'predict_horizon = "0s"'), "--takeover-socket", f"{tmp}/tb.sock"])
+            b = PROCS.start_on(1, f"{tmp}/atlas-b.log", [os.environ["ATLAS_B"], atlas_conf(tmp, 19240, "127.0.0.1:19241", 'predict_horizon = "0s"', "B"), "--takeover-socket", f"{tmp}/tb.sock"])
             bench.wait_port(19240); bench.wait_port(19241)
             PROCS.start_on(0, f"{tmp}/echo-c.log", [WSLOAD, "echo", "127.0.0.1:19212", "127.0.0.1:19241", "c", "0"])
             bench.wait_port(19212); time.sleep(0.3)
             targets.append(("atlas-b", 19240, b.pid))
-        if os.environ.get("FLOOR") == "1":
+        if os.environ.get("FLOOR") in ("1", "2"):
             # The cheapest possible relay (wsload floor): what any user-space
             # proxy pays at least on this machine, kernel TCP included.
             f = PROCS.start_on(1, f"{tmp}/floor.log", [WSLOAD, "floor", "127.0.0.1:19230", "127.0.0.1:19210"])
             bench.wait_port(19230)
             targets.append(("floor", 19230, f.pid))
+        if os.environ.get("FLOOR") == "2":
+            # The same floor with a 16 KiB buffer per socket instead of one
+            # shared buffer: what cache-cold per-connection buffers cost.
+            f = PROCS.start_on(1, f"{tmp}/floor-b.log", [WSLOAD, "floor", "127.0.0.1:19231", "127.0.0.1:19210", "bufs"])
+            bench.wait_port(19231)
+            targets.append(("floorbuf", 19231, f.pid))
         for shape in SHAPES:
             title = f"WebSocket relay, 64-byte messages, {shape[0]} connections x window {shape[1]}, {SECS:.0f} s x {RUNS} runs (medians)"
             relay_table(targets, title, shape)

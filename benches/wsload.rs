@@ -10,11 +10,13 @@
 //!   wsload walk   TARGET PLAYERS CROSSINGS  players walk across the border at
 //!                                         x=1000 and back; checks every message is
 //!                                         echoed exactly once, in order
-//!   wsload floor  LISTEN BACKEND          the cheapest possible relay: one thread,
+//!   wsload floor  LISTEN BACKEND [bufs]   the cheapest possible relay: one thread,
 //!                                         level-triggered epoll, one recv and one
 //!                                         send per readable event, no framing. Its
 //!                                         CPU per message is the floor of any
 //!                                         user-space proxy on this machine
+//!                                         (`bufs`: a 16 KiB buffer per socket
+//!                                         instead of one shared buffer)
 //!
 //! `echo` and `relay` run on one monoio (io_uring) thread each, so that the
 //! load side stays cheap with thousands of connections and the proxy is what
@@ -487,6 +489,11 @@ fn floor(args: &[String]) {
         let mut peer: Vec<i32> = vec![-1; 1 << 16];
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
         let mut buf = vec![0u8; 16 * 1024];
+        // `bufs`: a 16 KiB buffer of its own per socket, like a proxy that
+        // keeps per-connection buffers, to measure what one shared (cache-hot)
+        // buffer saves.
+        let own = args.get(2).map(String::as_str) == Some("bufs");
+        let mut bufs: Vec<Vec<u8>> = Vec::new();
         loop {
             let n = libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, -1);
             for ev in events.iter().take(n.max(0) as usize) {
@@ -506,6 +513,14 @@ fn floor(args: &[String]) {
                         }
                         peer[c as usize] = b;
                         peer[b as usize] = c;
+                        if own {
+                            let top = c.max(b) as usize + 1;
+                            if bufs.len() < top {
+                                bufs.resize_with(top, Vec::new);
+                            }
+                            bufs[c as usize] = vec![0u8; 16 * 1024];
+                            bufs[b as usize] = vec![0u8; 16 * 1024];
+                        }
                         add(c);
                         add(b);
                     }
@@ -515,6 +530,7 @@ fn floor(args: &[String]) {
                 if other < 0 {
                     continue;
                 }
+                let buf = if own { &mut bufs[fd as usize] } else { &mut buf };
                 let got = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
                 if got < 0 && *libc::__errno_location() == libc::EAGAIN {
                     continue;
