@@ -79,14 +79,13 @@ pub fn process_drain_requested() -> bool {
 }
 
 struct Inner {
-    fired: Cell<bool>,
     wakers: RefCell<Slab<Waker>>,
     /// One canceller for every wait of this worker (idle keep-alive reads,
     /// accepts): operations associate with it and leave it as they finish.
     /// One per worker rather than one per wait, because monoio's
     /// `Canceller::new` allocates an `Rc` and a `HashSet` each time: about
     /// 8 % of a keep-alive static request's instructions (benches/RESULTS.md).
-    /// `None` once the drain has fired it.
+    /// `None` once the drain has fired it: that is what "draining" means.
     canceller: RefCell<Option<Canceller>>,
     /// Client connections open on this worker.
     live: Cell<usize>,
@@ -101,7 +100,6 @@ struct Inner {
 impl Default for Inner {
     fn default() -> Self {
         Inner {
-            fired: Cell::new(false),
             wakers: RefCell::default(),
             canceller: RefCell::new(Some(Canceller::new())),
             live: Cell::new(0),
@@ -126,17 +124,15 @@ impl Drain {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.0.fired.get()
+        self.0.canceller.borrow().is_none()
     }
 
     /// Starts draining: cancels registered waits and wakes waiters.
     pub fn start(&self) {
-        if self.0.fired.replace(true) {
+        let Some(c) = self.0.canceller.borrow_mut().take() else {
             return;
-        }
-        if let Some(c) = self.0.canceller.borrow_mut().take() {
-            let _ = c.cancel();
-        }
+        };
+        let _ = c.cancel();
         let wakers = self.0.wakers.borrow_mut().take_all();
         for w in wakers {
             w.wake();
