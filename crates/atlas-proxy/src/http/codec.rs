@@ -260,6 +260,13 @@ pub fn push_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
+/// A `Content-Length: n` header line.
+pub fn push_content_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"Content-Length: ");
+    push_u64(out, n);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Parses the request head at the start of `buf` and appends the rewritten
 /// upstream head to `out`. `Ok(None)` means the head is not complete yet.
 pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> Result<Option<RequestInfo>, HeadError> {
@@ -414,9 +421,7 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, ctx: &RewriteCtx<'_>) -> R
     out.extend_from_slice(b"\r\n");
     match body {
         BodyKind::Length(n) => {
-            out.extend_from_slice(b"Content-Length: ");
-            push_u64(out, n);
-            out.extend_from_slice(b"\r\n");
+            push_content_length(out, n);
         }
         BodyKind::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         _ => {}
@@ -549,9 +554,7 @@ pub fn rewrite_response(buf: &[u8], out: &mut Vec<u8>, ctx: &ResponseCtx) -> Res
         }
         if h.name.eq_ignore_ascii_case("content-length") {
             if let (BodyKind::Length(n), false) = (body, framing.te_seen) {
-                out.extend_from_slice(b"Content-Length: ");
-                push_u64(out, n);
-                out.extend_from_slice(b"\r\n");
+                push_content_length(out, n);
             } else if ctx.request_is_head || status == 304 {
                 // Kept as metadata: no body follows.
                 push_header(out, h.name.as_bytes(), h.value);

@@ -308,9 +308,7 @@ pub async fn respond<S: ClientStream>(site: &StaticSite, client: &mut S, req: &S
     let (start, len) = match range {
         RangeReq::Full => {
             status_line(out, "200 OK");
-            out.extend_from_slice(b"Content-Length: ");
-            codec::push_u64(out, size);
-            out.extend_from_slice(b"\r\n");
+            codec::push_content_length(out, size);
             (0, size)
         }
         RangeReq::Part(a, b) => {
